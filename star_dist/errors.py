@@ -1,0 +1,33 @@
+"""One error family, so the CLI can turn any expected failure into one clear line and exit 2.
+
+Every message names the file and the tensor involved, says what was expected and what was
+found, and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class StarDistError(Exception):
+    """Base of every error star_dist raises on purpose (bad input, bad config, failed merge)."""
+
+    exit_code = 2
+
+
+class ConfigError(StarDistError):
+    """The merge config is invalid (unknown method, η out of range, no models, ...)."""
+
+
+class InputError(StarDistError):
+    """An input checkpoint or adapter is missing, corrupt, or does not fit the base."""
+
+
+class OutputError(StarDistError):
+    """The output folder cannot be used (not empty without --overwrite, not writable, ...)."""
+
+
+class MergeError(StarDistError):
+    """Merging a tensor failed (NaN or Inf met, a worker crashed past its retries, ...)."""
+
+
+class ClusterError(StarDistError):
+    """The Ray cluster cannot be reached or used."""

@@ -1,0 +1,24 @@
+"""Merge methods: pure tensor math behind the contract in `base.py`, listed in `registry.py`."""
+
+from star_dist.methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, dense
+from star_dist.methods.linear import Average, TaskArithmetic
+from star_dist.methods.registry import METHODS, get_method, method_param_names
+from star_dist.methods.star import Star, StarParams
+from star_dist.methods.ties import Ties, TiesParams
+
+__all__ = [
+    "METHODS",
+    "Average",
+    "JointMethod",
+    "LowRank",
+    "MergeMethod",
+    "Star",
+    "StarParams",
+    "StreamingMethod",
+    "TaskArithmetic",
+    "Ties",
+    "TiesParams",
+    "dense",
+    "get_method",
+    "method_param_names",
+]

@@ -1,0 +1,56 @@
+"""The explicit table of merge methods and how to build one from config values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from star_dist.errors import ConfigError
+from star_dist.methods.base import MergeMethod
+from star_dist.methods.linear import Average, TaskArithmetic
+from star_dist.methods.star import Star
+from star_dist.methods.ties import Ties
+
+METHODS: dict[str, type[MergeMethod]] = {
+    "star": Star,
+    "task_arithmetic": TaskArithmetic,
+    "ties": Ties,
+    "average": Average,
+}
+
+# Keys the engine owns (the global scale and per-model weights); methods never see them.
+ENGINE_KEYS = frozenset({"lambda", "weight"})
+
+
+def _method_class(name: str) -> type[MergeMethod]:
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(sorted(METHODS))
+        raise ConfigError(f"unknown merge method {name!r}; valid methods: {valid}") from None
+
+
+def method_param_names(name: str) -> list[str]:
+    """The parameter names a method accepts (besides the engine's `lambda` and `weight`)."""
+    params_type = _method_class(name).Params  # type: ignore[attr-defined]
+    return [f.name for f in fields(params_type)]
+
+
+def get_method(name: str, params: Mapping[str, Any] | None = None) -> MergeMethod:
+    """Build a method from its name and a dict of parameters (engine keys are ignored).
+
+    ConfigError lists the valid method names for an unknown method, and the valid parameter
+    names for an unknown parameter; value checks come from the params dataclass.
+    """
+    cls = _method_class(name)
+    own = {k: v for k, v in (params or {}).items() if k not in ENGINE_KEYS}
+    valid = method_param_names(name)
+    unknown = sorted(k for k in own if k not in valid)
+    if unknown:
+        allowed = ", ".join(valid) if valid else "none"
+        raise ConfigError(
+            f"{name}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+            f"valid parameters: {allowed} (plus the engine's lambda and weight)"
+        )
+    return cls(cls.Params(**own))  # type: ignore[attr-defined, call-arg]

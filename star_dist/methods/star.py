@@ -1,0 +1,115 @@
+"""STAR: Spectral Truncation And Rescale (Lee et al., NAACL 2025).
+
+For a 2-D task vector τ = U diag(σ) Vᵀ keep the smallest r with σ_1+…+σ_r ≥ (η/100)·Σσ and
+rescale the kept values by c = Σσ / (σ_1+…+σ_r), so the nuclear norm is unchanged:
+τ' = c · U_r diag(σ_r) V_rᵀ. Other tensors pass through. The engine then forms
+W = W_base + λ Σ_i w_i τ'_i with w_i = 1/N by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from star_dist.errors import ConfigError, MergeError
+from star_dist.methods.base import LowRank, StreamingMethod, TaskVector
+from star_dist.methods.params import as_number
+from star_dist.methods.spectral import (
+    TopMethod,
+    kept_rank,
+    lowrank_svd,
+    singular_values,
+    top_factors,
+)
+
+
+@dataclass(frozen=True)
+class StarParams:
+    """η: the percentage of the nuclear norm the kept singular values must reach, in (0, 100]."""
+
+    eta: float = 40.0
+
+    def __post_init__(self) -> None:
+        eta = as_number("star", "eta", self.eta)
+        if not 0.0 < eta <= 100.0:
+            raise ConfigError(
+                f"star: eta must be in (0, 100] (a percentage of the nuclear norm), got {eta!r}"
+            )
+        object.__setattr__(self, "eta", eta)
+
+
+class Star(StreamingMethod):
+    """Truncate each task vector to the top of its spectrum and rescale it to its nuclear norm."""
+
+    name: ClassVar[str] = "star"
+    Params: ClassVar[type] = StarParams
+    reference: ClassVar[str] = (
+        "Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025, "
+        "https://aclanthology.org/2025.naacl-short.42/ (arXiv:2502.10339)"
+    )
+
+    def __init__(self, params: StarParams | None = None, top_method: TopMethod = "gram") -> None:
+        # top_method picks how the top-r vectors of a dense τ are computed (spectral.py); both
+        # are exact, "gram" was the faster in scripts/bench/star_svd.py.
+        self.params = params if params is not None else StarParams()
+        self.top_method: TopMethod = top_method
+
+    def params_dict(self) -> dict[str, Any]:
+        return asdict(self.params)
+
+    def resolve_weights(self, given: list[float | None]) -> list[float]:
+        """A plain mean by default: 1/N where a model gives no weight (as in the paper)."""
+        n = len(given)
+        return [1.0 / n if w is None else float(w) for w in given]
+
+    def transform(self, tau: TaskVector) -> tuple[TaskVector, dict[str, Any]]:
+        """τ' = c · U_r diag(σ_r) V_rᵀ as a `LowRank` for a 2-D τ; other tensors unchanged."""
+        if isinstance(tau, LowRank):
+            return self._transform_lowrank(tau)
+        if tau.dim() != 2:
+            return tau, {}
+        if not bool(torch.isfinite(tau).all()):
+            raise MergeError("STAR: the task vector holds NaN or Inf; check the input weights")
+        s = singular_values(tau)  # (min(m, n),) float32, every σ
+        r = kept_rank(s, self.params.eta)
+        if r == 0:
+            return _zero(tau.shape, tau.device), _stats(0, 0.0, 0.0)
+        left, right = top_factors(tau, r, self.top_method)  # (m, r), (r, n) float64
+        scale, before, after = _rescale(s, r)
+        # left @ right is the rank-r truncation; c on either factor scales the product.
+        return LowRank(left.mul_(scale).float(), right.float()), _stats(r, before, after)
+
+    def _transform_lowrank(self, tau: LowRank) -> tuple[TaskVector, dict[str, Any]]:
+        """The same STAR for left @ right from its exact thin SVD, never forming the m×n matrix."""
+        if not (bool(torch.isfinite(tau.left).all()) and bool(torch.isfinite(tau.right).all())):
+            raise MergeError("STAR: the LoRA factors hold NaN or Inf; check the adapter weights")
+        u, s, vh = lowrank_svd(tau.left, tau.right)  # (m, k), (k,), (k, n) float64
+        r = kept_rank(s, self.params.eta)
+        if r == 0:
+            return _zero(tau.shape, tau.left.device), _stats(0, 0.0, 0.0)
+        scale, before, after = _rescale(s, r)
+        left = u[:, :r] * (s[:r] * scale)  # (m, r) U_r diag(σ')
+        return LowRank(left.float(), vh[:r].float()), _stats(r, before, after)
+
+
+def _rescale(s: torch.Tensor, r: int) -> tuple[float, float, float]:
+    """c = Σσ / Σ_{i≤r} σ_i in float64, and the nuclear norms before and after."""
+    s64 = s.to(torch.float64)  # (k,)
+    total = float(s64.sum())
+    kept = float(s64[:r].sum())
+    scale = total / kept
+    return scale, total, scale * kept
+
+
+def _zero(shape: tuple[int, ...], device: torch.device) -> LowRank:
+    """A rank-0 update: left @ right is an all-zero (m, n) float32 matrix, never NaN."""
+    m, n = shape
+    left = torch.zeros(m, 0, dtype=torch.float32, device=device)  # (m, 0)
+    right = torch.zeros(0, n, dtype=torch.float32, device=device)  # (0, n)
+    return LowRank(left, right)
+
+
+def _stats(r: int, before: float, after: float) -> dict[str, Any]:
+    return {"kept_rank": r, "nuclear_norm_before": before, "nuclear_norm_after": after}

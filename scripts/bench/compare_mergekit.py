@@ -107,10 +107,7 @@ def main() -> None:
             noise = 0.01 * torch.randn(shape, generator=gen)
             tensors[f"{name}.ft{i}"] = tensors[f"{name}.base"] + noise
 
-    spec = [
-        {"name": n, "mergekit": mk, "params": p, "weights": w}
-        for n, _sd, mk, p, w, _shape, _rows in CASES
-    ]
+    spec = [{"name": n, "mergekit": mk, "params": p, "weights": w} for n, _sd, mk, p, w, _shape, _rows in CASES]
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, in_path, out_path = (Path(tmp) / f for f in ("c.json", "in.st", "out.st"))
         spec_path.write_text(json.dumps(spec))
@@ -128,11 +125,19 @@ def main() -> None:
         ours = star_dist_merge(sd_method, params, weights, base, fts, rows or shape[0])
         diff = (ours - theirs[name]).abs().max().item()
         update = (theirs[name] - base).abs().max().item()
-        results.append({
-            "case": name, "star_dist": sd_method, "mergekit": mk_method, "params": params,
-            "weights": weights, "shape": list(shape), "row_block": rows,
-            "max_abs_diff": diff, "max_abs_update": update,
-        })
+        results.append(
+            {
+                "case": name,
+                "star_dist": sd_method,
+                "mergekit": mk_method,
+                "params": params,
+                "weights": weights,
+                "shape": list(shape),
+                "row_block": rows,
+                "max_abs_diff": diff,
+                "max_abs_update": update,
+            }
+        )
         print(f"{name:24s} max|ours − mergekit| = {diff:.3e}   (max |update| {update:.3e})")
     report = {
         "mergekit_version": mergekit_version,

@@ -33,8 +33,7 @@ class TaskArithmetic(_Identity):
 
     name: ClassVar[str] = "task_arithmetic"
     reference: ClassVar[str] = (
-        "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, "
-        "https://arxiv.org/abs/2212.04089"
+        "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, https://arxiv.org/abs/2212.04089"
     )
 
 

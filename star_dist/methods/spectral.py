@@ -93,9 +93,7 @@ def _project_f64(tall: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def top_factors(
-    tau: torch.Tensor, r: int, method: TopMethod = "gram"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def top_factors(tau: torch.Tensor, r: int, method: TopMethod = "gram") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact rank-r truncation of a 2-D τ as factors (left (m, r), right (r, n)), float64.
 
     left @ right = U_r diag(σ_r) V_rᵀ. With ``"svd"`` and with ``"gram"`` on a tall or square τ,
@@ -121,9 +119,7 @@ def top_factors(
     return projected, basis.T  # (m, r) U_r diag(σ_r), (r, n) V_rᵀ
 
 
-def lowrank_svd(
-    left: torch.Tensor, right: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lowrank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact thin SVD of left @ right without forming it: (U (m, k), σ (k,), Vᵀ (k, n)), float64.
 
     left (m, r), right (r, n), k = min(m, n, r). left = Q_l R_l and rightᵀ = Q_r R_r (reduced

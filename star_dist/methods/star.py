@@ -34,9 +34,7 @@ class StarParams:
     def __post_init__(self) -> None:
         eta = as_number("star", "eta", self.eta)
         if not 0.0 < eta <= 100.0:
-            raise ConfigError(
-                f"star: eta must be in (0, 100] (a percentage of the nuclear norm), got {eta!r}"
-            )
+            raise ConfigError(f"star: eta must be in (0, 100] (a percentage of the nuclear norm), got {eta!r}")
         object.__setattr__(self, "eta", eta)
 
 

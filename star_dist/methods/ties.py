@@ -40,9 +40,7 @@ class TiesParams:
     def __post_init__(self) -> None:
         density = as_number("ties", "density", self.density)
         if not 0.0 < density <= 1.0:
-            raise ConfigError(
-                f"ties: density must be in (0, 1] (the fraction of entries kept), got {density!r}"
-            )
+            raise ConfigError(f"ties: density must be in (0, 1] (the fraction of entries kept), got {density!r}")
         object.__setattr__(self, "density", density)
 
 
@@ -87,9 +85,7 @@ class Ties(JointMethod):
         """The trim threshold t of this model's whole task vector (a plain float)."""
         return trim_threshold(tau, self.params.density)
 
-    def merge_block(
-        self, taus: list[torch.Tensor], weights: list[float], prepared: list[Any]
-    ) -> torch.Tensor:
+    def merge_block(self, taus: list[torch.Tensor], weights: list[float], prepared: list[Any]) -> torch.Tensor:
         """The disjoint mean of the sign-agreeing, trimmed, weighted task vectors of one block.
 
         Two passes over the models, so only a few block-sized tensors are alive at once.

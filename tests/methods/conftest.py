@@ -1,0 +1,21 @@
+"""Fixtures for the method tests: the golden STAR cases from shared/golden."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(os.environ.get("STAR_DIST_GOLDEN", REPO.parent / "shared" / "golden" / "star_cases.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, torch.Tensor]:
+    """caseN.base / .ftK / .expected_etaE / .ranks_etaE and zero.* (see shared/golden/README.md)."""
+    if not GOLDEN.is_file():
+        pytest.fail(f"golden STAR cases not found at {GOLDEN}; set STAR_DIST_GOLDEN to the file")
+    return load_file(str(GOLDEN))

@@ -1,0 +1,72 @@
+"""The explicit method table and building methods from config dicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from star_dist.errors import ConfigError
+from star_dist.methods import (
+    METHODS,
+    Average,
+    JointMethod,
+    Star,
+    StreamingMethod,
+    TaskArithmetic,
+    Ties,
+    get_method,
+    method_param_names,
+)
+
+
+def test_table() -> None:
+    assert {
+        "star": Star,
+        "task_arithmetic": TaskArithmetic,
+        "ties": Ties,
+        "average": Average,
+    } == METHODS
+    for name, cls in METHODS.items():
+        assert cls.name == name
+        assert "arxiv.org" in cls.reference or "aclanthology.org" in cls.reference
+    assert issubclass(Ties, JointMethod) and issubclass(Star, StreamingMethod)
+
+
+def test_param_names() -> None:
+    assert method_param_names("star") == ["eta"]
+    assert method_param_names("ties") == ["density"]
+    assert method_param_names("task_arithmetic") == []
+    assert method_param_names("average") == []
+
+
+def test_get_method_builds_params_and_ignores_engine_keys() -> None:
+    star = get_method("star", {"eta": 75, "lambda": 0.8, "weight": 2.0})
+    assert isinstance(star, Star) and star.params_dict() == {"eta": 75.0}
+    assert get_method("ties", {"density": 0.5}).params_dict() == {"density": 0.5}
+    assert get_method("ties", {}).params_dict() == {"density": 0.2}
+    assert isinstance(get_method("average", {"lambda": 1.0}), Average)
+    assert get_method("task_arithmetic", {}).params_dict() == {}
+
+
+def test_unknown_method_lists_valid_names() -> None:
+    with pytest.raises(ConfigError) as err:
+        get_method("dare", {})
+    assert str(err.value) == ("unknown merge method 'dare'; valid methods: average, star, task_arithmetic, ties")
+    with pytest.raises(ConfigError, match="valid methods"):
+        method_param_names("slerp")
+
+
+def test_unknown_parameter_lists_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        get_method("star", {"eta": 40, "rank": 8})
+    assert str(err.value) == (
+        "star: unknown parameter(s) 'rank'; valid parameters: eta (plus the engine's lambda and weight)"
+    )
+    with pytest.raises(ConfigError, match=r"valid parameters: none"):
+        get_method("average", {"density": 0.5})
+
+
+def test_bad_values_raise_from_the_params() -> None:
+    with pytest.raises(ConfigError, match=r"star: eta must be in \(0, 100\]"):
+        get_method("star", {"eta": 0})
+    with pytest.raises(ConfigError, match=r"ties: density must be in \(0, 1\]"):
+        get_method("ties", {"density": 2})

@@ -1,0 +1,141 @@
+"""The SVD building blocks: the kept-rank rule, exact top-r factors, the factorized SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from star_dist.errors import MergeError
+from star_dist.methods.spectral import kept_rank, lowrank_svd, singular_values, top_factors
+
+
+def exact_truncation(tau: torch.Tensor, r: int) -> torch.Tensor:
+    """U_r diag(σ_r) V_rᵀ from a float64 full SVD: the independent reference."""
+    u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+def spectrum_matrix(m: int, n: int, s: list[float], seed: int) -> torch.Tensor:
+    """A float32 (m, n) matrix with the given singular values and random singular vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    k = len(s)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return ((u * torch.tensor(s, dtype=torch.float64)) @ v.T).float()
+
+
+# -- kept_rank -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("s", "eta", "r"),
+    [
+        ([3.0, 2.0, 1.0], 50, 1),  # σ_1 = 3 = 50% of 6: the comparison is inclusive
+        ([3.0, 2.0, 1.0], 50.001, 2),
+        ([3.0, 2.0, 1.0], 83.3, 2),  # 5/6 = 83.33% ≥ 83.3%
+        ([3.0, 2.0, 1.0], 100, 3),
+        ([3.0, 2.0, 1.0], 1e-9, 1),  # r ≥ 1 always
+        ([5.0], 40, 1),
+        ([2.0, 2.0, 2.0, 2.0], 50, 2),  # ties in σ: exactly half
+    ],
+)
+def test_kept_rank_rule(s: list[float], eta: float, r: int) -> None:
+    assert kept_rank(torch.tensor(s), eta) == r
+
+
+def test_kept_rank_float32_rounding_at_eta_100() -> None:
+    # 1 + 1e-8 rounds to 1 in float32: the cumulative sum reaches Σσ at r = 1, as the
+    # reference computes it; the golden cases (30 of 32, 90 of 96) rest on this.
+    s = torch.tensor([1.0, 1e-8, 1e-8])
+    assert kept_rank(s, 100) == 1
+    # Cast to float32 first, whatever the input precision (float64 would give 3).
+    assert kept_rank(s.double(), 100) == 1
+
+
+def test_kept_rank_zero_empty_and_nan() -> None:
+    assert kept_rank(torch.zeros(7), 40) == 0
+    assert kept_rank(torch.zeros(0), 40) == 0
+    with pytest.raises(MergeError, match="not finite"):
+        kept_rank(torch.tensor([1.0, float("nan")]), 40)
+
+
+# -- top_factors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize(("m", "n"), [(60, 40), (40, 60), (50, 50), (1, 30), (30, 1)])
+def test_top_factors_match_float64_truncation(method: str, m: int, n: int) -> None:
+    k = min(m, n)
+    s = [2.0 ** (-i / 3) for i in range(k)]  # distinct, decaying: well-defined subspaces
+    tau = spectrum_matrix(m, n, s, seed=m * 100 + n)
+    for r in sorted({1, max(1, k // 3), k}):
+        left, right = top_factors(tau, r, method)
+        assert left.shape == (m, r) and right.shape == (r, n)
+        expected = exact_truncation(tau, r)
+        tol = (1e-10 if method == "gram" else 2e-6) * expected.abs().max()
+        assert (left @ right - expected).abs().max() <= tol
+
+
+def test_top_factors_gram_rank_deficient_and_tiny() -> None:
+    # Rank 5 (plus float32 rounding noise) in 48×32, σ down to 1e-6·σ_1. Keeping all 32
+    # directions reproduces τ although the noise directions' vectors are ill-determined;
+    # keeping 3 or 5 matches the float64 truncation; no NaN appears.
+    tau = spectrum_matrix(48, 32, [1.0, 0.3, 1e-2, 1e-4, 1e-6], seed=3)
+    left, right = top_factors(tau, 32, "gram")
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    assert (left @ right - tau.double()).abs().max() <= 1e-12
+    left, right = top_factors(tau, 3, "gram")
+    assert (left @ right - exact_truncation(tau, 3)).abs().max() <= 1e-14
+    # Cut between σ_5 = 1e-6 and the noise (1e-8): the Gram error is ~eps64·σ_1²/gap ≈ 1e-10
+    # (measured 1.2e-11), still far below float32 resolution of τ (≈ 1e-9 here).
+    left, right = top_factors(tau, 5, "gram")
+    assert (left @ right - exact_truncation(tau, 5)).abs().max() <= 1e-10
+
+
+def test_top_factors_gram_tiny_scale() -> None:
+    # A task vector of size 1e-20 (float32 normal range) squared in float64 stays accurate.
+    tau = spectrum_matrix(30, 20, [3.0, 2.0, 1.0], seed=5) * 1e-20
+    left, right = top_factors(tau, 2, "gram")
+    expected = exact_truncation(tau, 2)
+    assert (left @ right - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_top_factors_zero_matrix() -> None:
+    tau = torch.zeros(20, 30)
+    for method in ("gram", "svd"):
+        left, right = top_factors(tau, 2, method)
+        assert torch.equal(left @ right, torch.zeros(20, 30, dtype=torch.float64))
+
+
+def test_singular_values_are_accurate_for_small_values() -> None:
+    s_true = [1.0, 1e-2, 1e-4, 1e-5]
+    tau = spectrum_matrix(40, 30, s_true, seed=11)
+    s = singular_values(tau)
+    assert s.dtype == torch.float32 and s.shape == (30,)
+    # float32 rounding of τ itself bounds the error at ~1e-7·σ_1 for every value.
+    assert torch.allclose(s[:4].double(), torch.tensor(s_true, dtype=torch.float64), atol=5e-7)
+
+
+# -- lowrank_svd -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("m", "r", "n"), [(300, 16, 200), (64, 1, 80), (10, 20, 8), (50, 4, 50)])
+def test_lowrank_svd_is_the_thin_svd_of_the_product(m: int, r: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m + r + n)
+    left = torch.randn(m, r, generator=gen)
+    right = torch.randn(r, n, generator=gen)
+    u, s, vh = lowrank_svd(left, right)
+    k = min(m, n, r)
+    assert u.shape == (m, k) and s.shape == (k,) and vh.shape == (k, n)
+    product = left.double() @ right.double()
+    s_dense = torch.linalg.svdvals(product)[:k]
+    assert (s - s_dense).abs().max() <= 1e-10 * s_dense[0]
+    assert torch.allclose(u.T @ u, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(vh @ vh.T, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    assert (u * s @ vh - product).abs().max() <= 1e-12 * product.abs().max()
+
+
+def test_lowrank_svd_zero_factor() -> None:
+    u, s, vh = lowrank_svd(torch.zeros(40, 8), torch.randn(8, 30))
+    assert torch.equal(s, torch.zeros(8, dtype=torch.float64))
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()

@@ -1,0 +1,169 @@
+"""PEFT LoRA adapters as merge inputs: each adapted weight's task vector is `s · B @ A`.
+
+The adapter is indexed from headers, like a full checkpoint; its factors are read lazily
+by the worker and handed to the methods as a `LowRank`, so no m×n update is ever formed
+(STAR takes its SVD through QR of the factors).
+
+Key mapping (PEFT's saved layout): `base_model.model.<module>.lora_A.weight` (r, in) and
+`.lora_B.weight` (out, r) adapt the base tensor `<module>.weight` (out, in). The scale is
+`lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` and
+`alpha_pattern` override r and alpha per module, matched as PEFT matches them (the pattern
+must match the end of the module name at a dot boundary).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .errors import InputError
+from .safetensors_format import TensorEntry, read_header
+
+ADAPTER_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """One adapted tensor: τ = scale · B @ A (transposed when `fan_in_fan_out`)."""
+
+    a: TensorEntry  # lora_A.weight: (r, in)
+    b: TensorEntry  # lora_B.weight: (out, r)
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A PEFT LoRA adapter over the base: for each base tensor, a LoraSource, a full
+    replacement tensor (modules_to_save, trained biases), or nothing."""
+
+    source: str
+    folder: Path
+    config: dict[str, Any]
+    sources: dict[str, LoraSource | TensorEntry]
+
+    @classmethod
+    def open(cls, source: str, folder: Path, base: Checkpoint) -> LoraAdapter:
+        config = _read_adapter_config(folder)
+        weights = folder / ADAPTER_FILE
+        if not weights.exists():
+            hint = " (adapter_model.bin is not read: re-save with safe_serialization=True)"
+            raise InputError(f"{weights}: missing{hint if (folder / 'adapter_model.bin').exists() else ''}")
+        entries, _ = read_header(weights)
+        return cls(source, folder, config, _map_entries(weights, entries, config, base))
+
+    def source_for(self, name: str, base_entry: TensorEntry) -> LoraSource | TensorEntry | None:
+        return self.sources.get(name)
+
+    def check_no_extra(self, base_names: set[str]) -> None:
+        """Every adapter key was matched to a base tensor when the adapter was opened."""
+
+    def entries(self) -> list[TensorEntry]:
+        out: list[TensorEntry] = []
+        for src in self.sources.values():
+            out.extend([src.a, src.b] if isinstance(src, LoraSource) else [src])
+        return out
+
+    def scales(self) -> dict[str, float]:
+        return {n: s.scale for n, s in sorted(self.sources.items()) if isinstance(s, LoraSource)}
+
+
+def _read_adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the adapter config ({exc})") from None
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise InputError(f"{path}: peft_type {peft_type} is not supported (only LoRA adapters merge)")
+    if config.get("use_dora"):
+        raise InputError(
+            f"{path}: DoRA adapters (use_dora: true) are not supported: their update is not "
+            "s·B·A; merge them into full checkpoints with peft's merge_and_unload first"
+        )
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)):
+            raise InputError(f"{path}: `{key}` is missing or not a number")
+    return config
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: a pattern applies when it matches the end of the module name at a dot."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def lora_scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA, with per-module alpha overrides."""
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _map_entries(
+    file: Path, entries: dict[str, TensorEntry], config: dict[str, Any], base: Checkpoint
+) -> dict[str, LoraSource | TensorEntry]:
+    factors: dict[str, dict[str, TensorEntry]] = {}
+    full: dict[str, TensorEntry] = {}
+    for key, entry in sorted(entries.items()):
+        if any(part in key for part in _UNSUPPORTED_KEYS):
+            kind = "DoRA magnitude" if "magnitude" in key else "embedding LoRA"
+            raise InputError(f"{file}: tensor {key!r}: {kind} is not supported; merge it into the weights first")
+        name = key.removeprefix(PEFT_PREFIX)
+        match = _LORA_KEY.match(name)
+        if match:
+            factors.setdefault(match["module"], {})[match["which"]] = entry
+        else:  # modules_to_save or a trained bias: a full value for a base tensor
+            full[re.sub(r"\.modules_to_save(\.[^.]+)?", "", name)] = entry
+    sources: dict[str, LoraSource | TensorEntry] = {}
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    for module, pair in factors.items():
+        target = f"{module}.weight"
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise InputError(f"{file}: module {module!r} has no {missing} factor")
+        a, b = pair["A"], pair["B"]
+        base_entry = base.tensors.get(target)
+        if base_entry is None:
+            raise InputError(f"{file}: LoRA module {module!r} adapts {target!r}, which the base does not have")
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            raise InputError(
+                f"{file}: tensor {module + '.lora_A.weight'!r} has shape {list(a.shape)}: "
+                "convolution LoRA is not supported (only 2-D linear layers)"
+            )
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise InputError(f"{file}: module {module!r}: lora_A has rank {rank}, lora_B {b.shape[1]}")
+        update_shape = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
+        if update_shape != base_entry.shape:
+            raise InputError(
+                f"{file}: module {module!r}: B·A is {list(update_shape)} but the base tensor {target!r} "
+                f"is {list(base_entry.shape)}; the adapter was trained on another architecture"
+            )
+        expected_rank = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+        if expected_rank != rank:
+            raise InputError(
+                f"{file}: module {module!r} has rank {rank} but adapter_config.json says {expected_rank}"
+            )
+        sources[target] = LoraSource(a, b, lora_scale(config, module, rank), fan_in_fan_out)
+    for name, entry in full.items():
+        base_entry = base.tensors.get(name)
+        if base_entry is None or base_entry.shape != entry.shape:
+            got = "is not in the base" if base_entry is None else f"has shape {list(base_entry.shape)} in the base"
+            raise InputError(f"{file}: tensor {name!r} (shape {list(entry.shape)}) {got}")
+        sources[name] = entry
+    return sources

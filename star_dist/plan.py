@@ -1,0 +1,292 @@
+"""MergePlan: from headers alone, check the inputs agree and cut the output into shard jobs.
+
+Everything that can be wrong with the inputs is found here, before any heavy work and
+before the output folder is touched. The plan is deterministic: sorted names, byte-sized
+shards, so the output does not depend on how many workers run it or in which order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import DTYPE_NAMES, MergeConfig, RunOptions
+from .errors import InputError
+from .inputs import FullInput, LoraAdapter, LoraSource, open_input
+from .methods import get_method
+from .safetensors_format import DTYPES, TensorEntry, TensorReader
+
+Source = TensorEntry | LoraSource | None  # None: an adapter that does not touch this tensor
+SINGLE_SHARD_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where its base and per-model inputs are, and its output dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str  # safetensors dtype code
+    base: TensorEntry
+    models: tuple[Source, ...]
+    merge: bool  # False: a non-float tensor, copied from the base
+
+    @property
+    def out_bytes(self) -> int:
+        return self.base.numel * DTYPES[self.out_dtype][1]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """The unit of work: write one output shard. Small and picklable (paths, not tensors)."""
+
+    index: int
+    file_name: str
+    tensors: tuple[TensorJob, ...]
+    method: str
+    method_params: tuple[tuple[str, Any], ...]
+    weights: tuple[float, ...]
+    lambda_: float
+    compute_dtype: str
+    out_dir: str
+    threads: int
+    device: str
+    fingerprint: str
+    cost: float  # relative compute cost, to hand out the most expensive shards first
+    bytes_read: int
+    bytes_out: int
+
+
+@dataclass
+class MergePlan:
+    """What `execute` will do, and what it will cost."""
+
+    config: MergeConfig
+    out_dir: Path
+    base: Checkpoint
+    inputs: list[FullInput | LoraAdapter]
+    shards: list[ShardJob]
+    fingerprint: str
+    n_svds: int
+    peak_memory_per_worker: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(s.bytes_read for s in self.shards)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.bytes_out for s in self.shards)
+
+    def summary(self) -> dict[str, Any]:
+        """The dry-run report shown by `star-dist plan`."""
+        return {
+            "method": self.config.merge_method,
+            "parameters": dict(self.config.parameters),
+            "base_model": self.config.base_model,
+            "models": [m.model for m in self.config.models],
+            "input_kinds": [type(i).__name__ for i in self.inputs],
+            "tensors": self.n_tensors,
+            "tensors_merged": sum(t.merge for s in self.shards for t in s.tensors),
+            "shards": [
+                {"file": s.file_name, "tensors": len(s.tensors), "bytes": s.bytes_out} for s in self.shards
+            ],
+            "bytes_to_read": self.bytes_read,
+            "bytes_to_write": self.bytes_out,
+            "svds": self.n_svds,
+            "peak_memory_per_worker_bytes": self.peak_memory_per_worker,
+            "fingerprint": self.fingerprint,
+            "warnings": self.warnings,
+        }
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort `layers.2` before `layers.10`, so shards follow the model's layer order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> MergePlan:
+    """Index every input from its headers, check they agree, and cut the output into shards."""
+    method = get_method(config.merge_method, config.method_params())
+    base = Checkpoint.open(config.base_model)
+    inputs = [open_input(m.model, base) for m in config.models]
+    weights = tuple(method.resolve_weights([m.weight for m in config.models]))
+    out_dtype_code = DTYPE_NAMES[config.out_dtype] if config.out_dtype else None
+
+    tensor_jobs: list[TensorJob] = []
+    for name in sorted(base.tensors, key=natural_key):
+        entry = base.tensors[name]
+        sources = tuple(inp.source_for(name, entry) for inp in inputs)
+        merge = entry.is_float
+        if not merge:
+            _check_identical_copies(name, entry, sources)
+        out_dtype = (out_dtype_code or entry.dtype) if merge else entry.dtype
+        tensor_jobs.append(TensorJob(name, entry.shape, out_dtype, entry, sources, merge))
+    for inp in inputs:
+        inp.check_no_extra(set(base.tensors))
+
+    groups = _pack_shards(tensor_jobs, options.max_shard_size)
+    svd_ops = 0
+    shards_draft = []
+    for tensors in groups:
+        cost, n_svd = _cost(tensors, config.merge_method)
+        svd_ops += n_svd
+        shards_draft.append((tensors, cost))
+    fingerprint = _fingerprint(config, options, base, inputs, groups)
+    n = len(groups)
+    shards = [
+        ShardJob(
+            index=i,
+            file_name=SINGLE_SHARD_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors",
+            tensors=tuple(tensors),
+            method=config.merge_method,
+            method_params=tuple(sorted(config.method_params().items())),
+            weights=weights,
+            lambda_=config.lambda_,
+            compute_dtype=config.dtype,
+            out_dir=str(Path(out_dir).resolve()),
+            threads=options.threads_per_worker,
+            device=options.device,
+            fingerprint=fingerprint,
+            cost=cost,
+            bytes_read=sum(_bytes_read(t) for t in tensors),
+            bytes_out=sum(t.out_bytes for t in tensors),
+        )
+        for i, (tensors, cost) in enumerate(shards_draft)
+    ]
+    return MergePlan(
+        config=config,
+        out_dir=Path(out_dir),
+        base=base,
+        inputs=inputs,
+        shards=shards,
+        fingerprint=fingerprint,
+        n_svds=svd_ops,
+        peak_memory_per_worker=_peak_memory(tensor_jobs, method.streaming, len(inputs)),
+    )
+
+
+def _check_identical_copies(name: str, entry: TensorEntry, sources: tuple[Source, ...]) -> None:
+    """Non-float tensors (position ids, masks) are copied, so every input must agree."""
+    with TensorReader() as reader:
+        expected = reader.read(entry)
+        for src in sources:
+            if src is None or isinstance(src, LoraSource):
+                continue
+            if src.dtype != entry.dtype:
+                raise InputError(
+                    f"{src.file}: tensor {name!r} has dtype {src.dtype}, the base has {entry.dtype} "
+                    f"({entry.file}); non-float tensors are copied and must match"
+                )
+            if not torch.equal(reader.read(src), expected):
+                raise InputError(
+                    f"{src.file}: tensor {name!r} ({entry.dtype}, not a float) differs from the base's "
+                    f"({entry.file}); non-float tensors are copied and must be identical in all inputs"
+                )
+
+
+def _pack_shards(jobs: list[TensorJob], max_bytes: int) -> list[list[TensorJob]]:
+    """Greedy packing in name order; a tensor larger than the limit gets a shard of its own."""
+    groups: list[list[TensorJob]] = []
+    current: list[TensorJob] = []
+    size = 0
+    for job in jobs:
+        if current and size + job.out_bytes > max_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(job)
+        size += job.out_bytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _bytes_read(job: TensorJob) -> int:
+    total = job.base.nbytes
+    for src in job.models:
+        if isinstance(src, TensorEntry):
+            total += src.nbytes
+        elif isinstance(src, LoraSource):
+            total += src.a.nbytes + src.b.nbytes
+    return total
+
+
+def _cost(tensors: list[TensorJob], method: str) -> tuple[float, int]:
+    """A relative cost: SVD flops for STAR's matrices, one pass per model otherwise."""
+    cost, svds = 0.0, 0
+    for t in tensors:
+        if not t.merge:
+            cost += t.base.numel
+            continue
+        for src in t.models:
+            if src is None:
+                continue
+            if method == "star" and len(t.shape) == 2:
+                m, n = t.shape
+                if isinstance(src, LoraSource):
+                    cost += (m + n) * src.rank**2
+                else:
+                    cost += m * n * min(m, n)
+                svds += 1
+            else:
+                cost += t.base.numel
+    return cost, svds
+
+
+def _peak_memory(jobs: list[TensorJob], streaming: bool, n_models: int) -> int:
+    """Bytes one worker holds at its peak: a few float32 copies of the largest tensor.
+
+    Streaming methods hold the base, the accumulator, one task vector and SVD workspace
+    (about 5 copies); TIES works on row blocks sized to about 2 copies for all N models,
+    plus the per-model threshold pass (about 3 copies).
+    """
+    if not jobs:
+        return 0
+    largest = max(j.base.numel for j in jobs if j.merge) if any(j.merge for j in jobs) else 0
+    f32 = 4 * largest
+    if streaming:
+        gram = max((8 * min(j.shape) ** 2 for j in jobs if len(j.shape) == 2), default=0)
+        return 5 * f32 + gram
+    return max(5 * f32, 3 * f32 + 2 * f32 + 4 * f32 // max(n_models, 1))
+
+
+def _fingerprint(
+    config: MergeConfig,
+    options: RunOptions,
+    base: Checkpoint,
+    inputs: list[Any],
+    groups: list[list[TensorJob]],
+) -> str:
+    """What the output bytes depend on: config, numerics settings, input files, shard layout."""
+    files: dict[str, Any] = {}
+    for entry in [*base.tensors.values(), *(e for inp in inputs for e in inp.entries())]:
+        if entry.file not in files:
+            st = Path(entry.file).stat()
+            files[entry.file] = [st.st_size, st.st_mtime_ns]
+    payload = {
+        "config": config.to_dict(),
+        "threads": options.threads_per_worker,
+        "device": options.device,
+        "files": files,
+        "shards": [[t.name for t in g] for g in groups],
+        "lora": [inp.scales() for inp in inputs if isinstance(inp, LoraAdapter)],
+        "format": 1,
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def plan_to_json(plan: MergePlan) -> str:
+    return json.dumps(plan.summary(), indent=2, default=str)

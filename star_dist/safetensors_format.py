@@ -1,0 +1,263 @@
+"""The safetensors file format, read from headers alone and written as a stream.
+
+Why our own reader and writer rather than `safetensors.safe_open` / `save_file`:
+* planning must index 70B checkpoints without touching tensor data, and must tell a corrupt
+  file apart from a valid one with a precise message;
+* a worker must write a shard tensor by tensor, hashing as it goes, so memory stays bounded
+  by one tensor rather than one shard (the header is known up front from the plan).
+The files are standard safetensors; tests read them back with the `safetensors` library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .errors import InputError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+TORCH_TO_CODE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1000 * 1000  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype code, shape and absolute byte range."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Index a safetensors file from its header: {name: TensorEntry}, metadata.
+
+    Raises InputError naming the file (and the tensor, where one is at fault) for anything
+    that is not a well-formed safetensors file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: corrupt safetensors file (only {size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise InputError(
+                    f"{path}: corrupt safetensors file (header claims {header_len} bytes, "
+                    f"file has {size}); re-download or re-save it"
+                )
+            raw = fh.read(header_len)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path}: corrupt safetensors header (not JSON); re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        entries[name] = _parse_entry(path, name, info, data_start, size)
+    return entries, metadata
+
+
+def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise InputError(f"{path}: tensor {name!r}: corrupt header entry {info!r}")
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if dtype not in DTYPES:
+        raise InputError(
+            f"{path}: tensor {name!r} has dtype {dtype}, which star_dist does not support "
+            f"(supported: {', '.join(DTYPES)}); convert the checkpoint first"
+        )
+    entry = TensorEntry(str(path), dtype, shape, data_start + begin, end - begin)
+    if entry.numel * DTYPES[dtype][1] != end - begin or begin > end:
+        raise InputError(
+            f"{path}: tensor {name!r}: header says shape {list(shape)} {dtype} "
+            f"({entry.numel * DTYPES[dtype][1]} bytes) but gives {end - begin} bytes"
+        )
+    if data_start + end > size:
+        raise InputError(
+            f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}: "
+            "the file is truncated; re-download or re-save it"
+        )
+    return entry
+
+
+class TensorReader:
+    """Lazy reads of tensors from safetensors files via a private memory map per file.
+
+    Only the pages a tensor (or a row block of it) covers are read from disk. The map is
+    copy-on-write, so tensors are writable without touching the file.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def _map(self, file: str) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = mm
+        return mm
+
+    def read(self, entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [a, b) of its first dimension), in its stored dtype."""
+        torch_dtype, itemsize = DTYPES[entry.dtype]
+        shape = entry.shape
+        start, count = entry.start, entry.numel
+        if rows is not None:
+            row_numel = entry.numel // shape[0] if shape[0] else 0
+            a, b = rows
+            start += a * row_numel * itemsize
+            count = (b - a) * row_numel
+            shape = (b - a, *shape[1:])
+        if count == 0:
+            return torch.empty(shape, dtype=torch_dtype)
+        flat = torch.frombuffer(self._map(entry.file), dtype=torch_dtype, count=count, offset=start)
+        return flat.view(shape)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            with contextlib.suppress(BufferError):  # a tensor still views it; the GC will release it
+                mm.close()
+        self._maps.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[int]]:
+    """Header bytes (length prefix included) for tensors written in the given order.
+
+    Returns the bytes and each tensor's byte size. Padded with spaces to a multiple of 8,
+    as the safetensors library does, so data stays aligned.
+    """
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset, sizes = 0, []
+    for name, dtype, shape in tensors:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * DTYPES[dtype][1]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        sizes.append(nbytes)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+class StreamingShardWriter:
+    """Writes one safetensors file tensor by tensor to `<final>.tmp`, hashing as it goes;
+    `commit()` fsyncs and renames it to its final name, so no half-written file ever has it."""
+
+    def __init__(self, final_path: Path, tensors: list[tuple[str, str, tuple[int, ...]]]) -> None:
+        self.final_path = final_path
+        self.tmp_path = final_path.with_name(final_path.name + ".tmp")
+        self._expected = [(name, dtype, shape) for name, dtype, shape in tensors]
+        header, self._sizes = build_header(tensors)
+        self._hash = hashlib.sha256()
+        self._fh: BinaryIO = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._written = 0
+        self._bytes = 0
+        self._put(header)
+
+    def _put(self, data: bytes | memoryview) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must match the header's name, dtype and shape."""
+        exp_name, exp_dtype, exp_shape = self._expected[self._written]
+        got_dtype = TORCH_TO_CODE.get(tensor.dtype)
+        if name != exp_name or got_dtype != exp_dtype or tuple(tensor.shape) != exp_shape:
+            raise AssertionError(
+                f"writer got {name} {got_dtype} {tuple(tensor.shape)}, "
+                f"expected {exp_name} {exp_dtype} {exp_shape}"
+            )
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        self._put(memoryview(data))
+        self._written += 1
+
+    def commit(self) -> tuple[int, str]:
+        """fsync, rename to the final name; returns (size in bytes, sha256 hex)."""
+        if self._written != len(self._expected):
+            raise AssertionError(f"{self.final_path}: {self._written}/{len(self._expected)} tensors written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.tmp_path, self.final_path)
+        fsync_dir(self.final_path.parent)
+        return self._bytes, self._hash.hexdigest()
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (after an error)."""
+        if not self._fh.closed:
+            self._fh.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the folder that holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,198 @@
+"""The `star-dist` command: `merge`, `plan` and `make-tiny`.
+
+Any expected failure (bad config, bad input, busy output folder, unreachable cluster)
+prints one line `star-dist: error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import load_config
+from .config import DEFAULT_MAX_SHARD_SIZE, MergeConfig, RunOptions, parse_size
+from .errors import ConfigError, StarDistError
+
+EPILOG = "Config keys follow mergekit's. See the README for the reference and examples."
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", nargs="?", help="merge config YAML (optional when --base-model and --model are given)"
+    )
+    g = parser.add_argument_group("merge settings (override the config file)")
+    g.add_argument("--method", dest="merge_method", help="star | task_arithmetic | ties | average")
+    g.add_argument("--base-model", help="base model folder or hub id")
+    g.add_argument("--model", action="append", dest="models", metavar="PATH[:WEIGHT]",
+                   help="a fine-tuned model or LoRA adapter; repeat for each (replaces the config's models)")
+    g.add_argument("--eta", type=float, help="STAR: percent of the nuclear norm kept (0, 100]; default 40")
+    g.add_argument("--lambda", type=float, dest="lambda_", help="global scale of the merged update; default 1")
+    g.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (0, 1]; default 0.2")
+    g.add_argument("--dtype", help="computation dtype: float32 (default) or float64")
+    g.add_argument("--out-dtype", help="output dtype: float32, float16, bfloat16 (default: the base's)")
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("execution")
+    g.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    g.add_argument("--runtime", choices=["ray", "local"], default="ray",
+                   help="ray (default: local cluster, or --address) or local (in this process)")
+    g.add_argument("--address", help="join a Ray cluster: auto | host:port | ray://host:port")
+    g.add_argument("--workers", type=int, help="number of worker actors (default: one per GPU, or cores / threads)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where workers compute")
+    g.add_argument("--threads-per-worker", type=int, default=1,
+                   help="torch threads per CPU worker (default 1); the output bytes depend on it")
+    g.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for a Ray cluster")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="star-dist", description="Merge fine-tuned models with STAR and baselines.",
+                                     epilog=EPILOG)
+    from .output import package_version
+
+    parser.add_argument("--version", action="version", version=f"star-dist {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge models into an output folder",
+                           description="Merge fine-tuned models (or LoRA adapters) into a Hugging Face folder. "
+                                       "Rerunning an interrupted merge resumes it.", epilog=EPILOG)
+    _config_args(merge)
+    merge.add_argument("out", help="output folder (must be empty, a resumable run of the same merge, or --overwrite)")
+    merge.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    merge.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _run_args(merge)
+
+    plan = sub.add_parser("plan", help="dry run: validate inputs, show shards, bytes, memory, SVD count",
+                          description="Read only headers: validate every input and print the plan.", epilog=EPILOG)
+    _config_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    plan.add_argument("--threads-per-worker", type=int, default=1)
+    plan.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    tiny = sub.add_parser("make-tiny", help="write tiny llama-shaped checkpoints and a config, for demos and tests")
+    tiny.add_argument("folder", help="where to write base/, ft0..ftN-1/ and merge.yaml")
+    tiny.add_argument("--models", type=int, default=3, help="number of fine-tunes (default 3)")
+    tiny.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> MergeConfig:
+    """The config file (if any) with every flag given on the command line applied on top."""
+    data: dict[str, Any] = {}
+    base_dir = Path(".")
+    if args.config:
+        base_dir = Path(args.config).parent
+        data = load_config(args.config).to_dict()
+    for key in ("merge_method", "base_model", "dtype", "out_dtype"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    if args.models:
+        data["models"] = [_parse_model_flag(m) for m in args.models]
+    params = dict(data.get("parameters") or {})
+    for flag, key in (("eta", "eta"), ("lambda_", "lambda"), ("density", "density")):
+        if getattr(args, flag, None) is not None:
+            params[key] = getattr(args, flag)
+    if params:
+        data["parameters"] = params
+    if not args.config and not data.get("base_model"):
+        raise ConfigError("give a config file, or --base-model and --model flags")
+    return MergeConfig.from_dict(data, source=args.config or "command line").resolve_paths(base_dir)
+
+
+def _parse_model_flag(text: str) -> dict[str, Any]:
+    path, sep, weight = text.rpartition(":")
+    if sep and path and _is_number(weight):
+        return {"model": path, "parameters": {"weight": float(weight)}}
+    return {"model": text}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_MAX_SHARD_SIZE,
+        overwrite=getattr(args, "overwrite", False),
+        quiet=getattr(args, "quiet", False),
+        runtime=getattr(args, "runtime", "local"),
+        address=getattr(args, "address", None),
+        workers=getattr(args, "workers", None),
+        device=args.device,
+        threads_per_worker=args.threads_per_worker,
+        connect_timeout_s=getattr(args, "connect_timeout", 30.0),
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .run import run_merge
+
+    options = run_options(args)
+    if options.workers is not None and options.workers < 1 or options.threads_per_worker < 1:
+        raise ConfigError("--workers and --threads-per-worker must be at least 1")
+    result = run_merge(config_from_args(args), args.out, options)
+    if not args.quiet:
+        resumed = f" ({result.shards_resumed} resumed)" if result.shards_resumed else ""
+        print(f"merged into {result.out_dir}: {result.shards_total} shard(s){resumed}, "
+              f"{len(result.report['tensors'])} tensors")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import build_plan
+
+    plan = build_plan(config_from_args(args), "merged", run_options(args))
+    summary = plan.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    gib = 1024**3
+    print(f"method      {summary['method']}  {summary['parameters'] or ''}")
+    print(f"base        {summary['base_model']}")
+    for model, kind in zip(summary["models"], summary["input_kinds"], strict=True):
+        print(f"model       {model}  ({'LoRA adapter' if kind == 'LoraAdapter' else 'full checkpoint'})")
+    print(f"tensors     {summary['tensors']} ({summary['tensors_merged']} merged, the rest copied)")
+    print(f"shards      {len(summary['shards'])}")
+    for shard in summary["shards"]:
+        print(f"  {shard['file']}  {shard['tensors']} tensors  {shard['bytes'] / gib:.3f} GiB")
+    print(f"read        {summary['bytes_to_read'] / gib:.3f} GiB")
+    print(f"write       {summary['bytes_to_write'] / gib:.3f} GiB")
+    print(f"SVDs        {summary['svds']}")
+    print(f"peak memory {summary['peak_memory_per_worker_bytes'] / gib:.3f} GiB per worker (estimate)")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny_models import make_tiny_merge
+
+    config_path = make_tiny_merge(Path(args.folder), n_models=args.models, dtype=args.dtype, seed=args.seed)
+    print(f"wrote tiny checkpoints and {config_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"merge": cmd_merge, "plan": cmd_plan, "make-tiny": cmd_make_tiny}
+    try:
+        return handlers[args.command](args)
+    except StarDistError as exc:
+        message = " ".join(str(exc).split())
+        print(f"star-dist: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("star-dist: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Merge one tensor: read the base and each input lazily, form task vectors, apply a method.
+
+`W = W_base + λ · Σ_i w_i f(τ_i)` for streaming methods (one task vector in memory at a
+time); row blocks of all task vectors at once for joint methods (TIES), after a first pass
+that lets each model's whole task vector set its own statistics (trim threshold).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .errors import MergeError
+from .lora import LoraSource
+from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
+from .plan import Source, TensorJob
+from .safetensors_format import DTYPES, TensorEntry, TensorReader
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Row-block size for joint methods: all N models' blocks together hold about as many
+# elements as two copies of the tensor, so memory does not grow with N.
+JOINT_BLOCK_COPIES = 2
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' picks the GPU when this process has one (a Ray actor sees only its own)."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device 'cuda' requested but this worker has no CUDA device")
+    return torch.device(requested)
+
+
+class TensorMerger:
+    """Merges the tensors of one shard with one method, reading through one TensorReader."""
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        weights: tuple[float, ...],
+        lambda_: float,
+        reader: TensorReader,
+        device: torch.device,
+        compute_dtype: str = "float32",
+    ) -> None:
+        self.method = method
+        self.weights = weights
+        self.lambda_ = lambda_
+        self.reader = reader
+        self.device = device
+        self.dtype = COMPUTE_DTYPES[compute_dtype]
+
+    def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The merged tensor in its output dtype (on the CPU) and its report entry."""
+        start = time.perf_counter()
+        if not job.merge:  # non-float: checked identical in plan, copied from the base
+            return self.reader.read(job.base), {"method": "copy"}
+        base = self._load(job.base, job.name)  # (shape), compute dtype
+        if isinstance(self.method, StreamingMethod):
+            merged, per_model = self._merge_streaming(job, base)
+        elif isinstance(self.method, JointMethod):
+            merged, per_model = self._merge_joint(job, base), []
+        else:  # pragma: no cover - the registry only holds these two kinds
+            raise TypeError(type(self.method))
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"tensor {job.name!r}: the merged result has NaN or Inf (check λ and weights)")
+        out = merged.to(DTYPES[job.out_dtype][0])
+        if not torch.isfinite(out).all():
+            raise MergeError(
+                f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
+            )
+        report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
+        report.update(_collate(per_model))
+        return out.cpu(), report
+
+    # -- streaming: base + λ Σ w_i f(τ_i) ---------------------------------------------------
+    def _merge_streaming(
+        self, job: TensorJob, base: torch.Tensor
+    ) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
+        assert isinstance(self.method, StreamingMethod)
+        acc = torch.zeros_like(base)  # (shape): Σ w_i f(τ_i)
+        per_model: list[dict[str, Any] | None] = []
+        for weight, src in zip(self.weights, job.models, strict=True):
+            tau = self._task_vector(src, base, job.name)
+            if tau is None:
+                per_model.append(None)
+                continue
+            update, stats = self.method.transform(tau)
+            _accumulate(acc, update, weight)
+            per_model.append(stats)
+            del tau, update
+        return base.add_(acc, alpha=self.lambda_), per_model
+
+    # -- joint: row blocks of every τ_i at once ------------------------------------------------
+    def _merge_joint(self, job: TensorJob, base: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.method, JointMethod)
+        prepared = []
+        for src in job.models:  # pass 1: per-model statistics of whole task vectors
+            tau = self._task_vector(src, base, job.name)
+            prepared.append(self.method.prepare(dense(tau) if tau is not None else torch.zeros_like(base)))
+            del tau
+        if base.dim() == 0:
+            blocks = [None]
+        else:
+            rows = base.shape[0]
+            step = max(1, (JOINT_BLOCK_COPIES * rows) // max(len(job.models), 1))
+            blocks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+        for block in blocks:  # pass 2: the same rows of every model
+            base_block = base if block is None else base[block[0] : block[1]]
+            taus = [self._task_vector_block(src, base_block, job.name, block) for src in job.models]
+            update = self.method.merge_block(taus, list(self.weights), prepared)
+            base_block.add_(update, alpha=self.lambda_)
+        return base
+
+    # -- reading -------------------------------------------------------------------------------
+    def _load(self, entry: TensorEntry, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        raw = self.reader.read(entry, rows)
+        value = raw.to(self.device, self.dtype, copy=True)
+        if not torch.isfinite(value).all():
+            raise MergeError(f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt")
+        return value
+
+    def _task_vector(self, src: Source, base: torch.Tensor, name: str) -> TaskVector | None:
+        if src is None:
+            return None
+        if isinstance(src, LoraSource):
+            return self._lora_factors(src, name)
+        return self._load(src, name).sub_(base)  # τ = W_i − W_base
+
+    def _task_vector_block(
+        self, src: Source, base_block: torch.Tensor, name: str, rows: tuple[int, int] | None
+    ) -> torch.Tensor:
+        if src is None:
+            return torch.zeros_like(base_block)
+        if isinstance(src, LoraSource):
+            low = self._lora_factors(src, name)
+            left = low.left if rows is None else low.left[rows[0] : rows[1]]
+            return left @ low.right  # (rows, n): only this block is formed
+        return self._load(src, name, rows).sub_(base_block)
+
+    def _lora_factors(self, src: LoraSource, name: str) -> LowRank:
+        a = self._load(src.a, name + " (lora_A)")  # (r, in)
+        b = self._load(src.b, name + " (lora_B)")  # (out, r)
+        if src.fan_in_fan_out:  # the base stores (in, out): τ = s·(B A)ᵀ = s·Aᵀ Bᵀ
+            return LowRank(a.T.mul(src.scale), b.T.contiguous())
+        return LowRank(b.mul_(src.scale), a)
+
+
+def _accumulate(acc: torch.Tensor, update: TaskVector, weight: float) -> None:
+    """acc += weight · update, without forming a LowRank update densely in a separate tensor."""
+    if isinstance(update, LowRank):
+        acc.addmm_(update.left, update.right, alpha=weight)  # (m, r) @ (r, n)
+    else:
+        acc.add_(update, alpha=weight)
+
+
+def _collate(per_model: list[dict[str, Any] | None]) -> dict[str, list[Any]]:
+    """[{kept_rank: 3, ...}, None, ...] -> {kept_rank: [3, None, ...], ...} for the report."""
+    keys: list[str] = []
+    for stats in per_model:
+        for key in stats or {}:
+            if key not in keys:
+                keys.append(key)
+    return {key: [None if s is None else s.get(key) for s in per_model] for key in keys}

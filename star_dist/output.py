@@ -1,0 +1,136 @@
+"""The output folder: claimed safely, written atomically, finished with the index last.
+
+Layout of a finished merge:
+    model.safetensors | model-0000i-of-0000N.safetensors + model.safetensors.index.json
+    config.json, tokenizer and generation files (copied from the base)
+    README.md (model card), merge_report.json
+    .star_dist/plan.json, .star_dist/shards/<shard>.json (manifests; what makes resume work)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+from .safetensors_format import fsync_dir
+
+STATE_DIR = ".star_dist"
+INDEX_FILE = "model.safetensors.index.json"
+# Non-weight files a merged model needs, copied from the base as they are.
+COPIED_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("star-dist")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` so that it either has its old content or all of the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def manifest_path(out_dir: Path, shard_file: str) -> Path:
+    return out_dir / STATE_DIR / "shards" / f"{shard_file}.json"
+
+
+def claim_output_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Make `out_dir` ours. Returns True when resuming an earlier run of the same plan.
+
+    An empty or missing folder is used; a folder holding an unfinished or finished run of
+    the same plan is resumed; anything else is refused unless `overwrite`, which clears it.
+    Called only after the plan validated, so bad input never touches the folder.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder")
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+    state = out_dir / STATE_DIR / "plan.json"
+    resuming = False
+    if entries:
+        try:
+            resuming = json.loads(state.read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            resuming = False
+        if not resuming and not overwrite:
+            raise OutputError(
+                f"{out_dir}: output folder is not empty ({len(entries)} entries, e.g. {entries[0]!r}); "
+                "pass --overwrite to replace its contents, or choose another folder"
+            )
+        if not resuming:
+            for name in entries:
+                target = out_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+    for stale in out_dir.glob("*.tmp") if out_dir.exists() else []:
+        stale.unlink()  # a killed run's partial shard: never under a final name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(state, json.dumps({"fingerprint": fingerprint}).encode())
+    return resuming
+
+
+def release_output_dir(out_dir: Path, remove_folder: bool) -> None:
+    """Undo a fresh run's writes: empty the folder this run claimed (or remove it)."""
+    if remove_folder:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    for target in out_dir.iterdir():
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+def write_index(out_dir: Path, manifests: list[dict[str, Any]], total_size: int) -> None:
+    """The sharded index, written last: its presence means every shard is complete."""
+    weight_map = {name: m["file"] for m in manifests for name in m["tensors"]}
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    write_atomic(out_dir / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+
+
+def copy_base_files(base_folder: Path, out_dir: Path, out_dtype: str | None) -> list[str]:
+    """Copy config, tokenizer and generation files; record a changed dtype in config.json."""
+    copied = []
+    for pattern in COPIED_PATTERNS:
+        for src in sorted(base_folder.glob(pattern)):
+            if src.is_file():
+                shutil.copyfile(src, out_dir / src.name)
+                copied.append(src.name)
+    config_path = out_dir / "config.json"
+    if out_dtype and config_path.exists():
+        config = json.loads(config_path.read_text())
+        dtype_key = "dtype" if "dtype" in config else "torch_dtype"
+        config[dtype_key] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}[out_dtype]
+        write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    return copied

@@ -1,0 +1,95 @@
+"""What a merged folder says about itself: the model card and merge_report.json."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .methods import get_method
+from .output import package_version, write_atomic
+from .plan import MergePlan
+
+STAR_PAPER = "https://aclanthology.org/2025.naacl-short.42/"
+
+
+def merge_report(plan: MergePlan, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per tensor: method, seconds, and for STAR each model's kept rank and nuclear norms."""
+    config = plan.config
+    tensors: dict[str, Any] = {}
+    for manifest in sorted(manifests, key=lambda m: m["file"]):
+        for name in manifest["tensors"]:
+            tensors[name] = {"shard": manifest["file"], **manifest["report"][name]}
+    return {
+        "star_dist_version": package_version(),
+        "merge_method": config.merge_method,
+        "parameters": dict(config.parameters),
+        "weights": list(plan.shards[0].weights) if plan.shards else [],
+        "models": [m.model for m in config.models],
+        "base_model": config.base_model,
+        "fingerprint": plan.fingerprint,
+        "tensors": tensors,
+    }
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    write_atomic(out_dir / "merge_report.json", (json.dumps(report, indent=1) + "\n").encode())
+
+
+def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
+    """A README.md: front matter for the hub, then method, parameters, inputs, exact config."""
+    config = plan.config
+    method = get_method(config.merge_method, config.method_params())
+    is_hub_id = not Path(config.base_model).exists()
+    front = ["---", "library_name: transformers", "tags:", "- merge", "- star_dist", f"- {config.merge_method}"]
+    if is_hub_id:
+        front.append(f"base_model: {config.base_model}")
+    front.append("---")
+    weights = report["weights"]
+    rows = "\n".join(
+        f"| {i + 1} | `{m.model}` | {weights[i]:.6g} |" for i, m in enumerate(config.models)
+    )
+    params = {**method.params_dict(), "lambda": config.lambda_}
+    lines = [
+        *front,
+        "",
+        f"# {plan.out_dir.name}",
+        "",
+        f"This model was merged with [star_dist](https://pypi.org/project/star-dist/) "
+        f"{report['star_dist_version']} using **{config.merge_method}**.",
+        "",
+        f"Method reference: {method.reference or 'see the star_dist README'}.",
+        "",
+        f"Base model: `{config.base_model}`",
+        "",
+        "## Inputs",
+        "",
+        "| # | model | weight |",
+        "|---|---|---|",
+        rows,
+        "",
+        "## Parameters",
+        "",
+        *(f"- `{k}`: {v}" for k, v in params.items()),
+        f"- computation dtype: {config.dtype}; output dtype: {config.out_dtype or 'as the base'}",
+        "",
+    ]
+    ranks = [
+        r
+        for entry in report["tensors"].values()
+        for r in (entry.get("kept_rank") or [])
+        if r is not None
+    ]
+    if ranks:
+        lines += [
+            "## STAR truncation",
+            "",
+            f"{len(ranks)} task-vector matrices truncated; kept rank: median "
+            f"{statistics.median(ranks):g}, min {min(ranks)}, max {max(ranks)} "
+            "(per tensor in `merge_report.json`). STAR: Lee et al., *STAR: Spectral Truncation "
+            f"and Rescale for Model Merging*, NAACL 2025, {STAR_PAPER}",
+            "",
+        ]
+    lines += ["## Configuration", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""run_merge: config → plan → workers → finalize. The whole recipe, on one screen."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DTYPE_NAMES, MergeConfig, RunOptions
+from .errors import StarDistError
+from .output import claim_output_dir, copy_base_files, release_output_dir, write_atomic, write_index
+from .plan import MergePlan, ShardJob, build_plan
+from .progress import Progress
+from .report import merge_report, model_card, write_report
+from .shard import Manifest, completed_manifest
+
+ShardRunner = Callable[[list[ShardJob], Progress], list[Manifest]]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge wrote, and how much of it an earlier run had already done."""
+
+    out_dir: Path
+    files: list[str]
+    shards_total: int
+    shards_resumed: int
+    report: dict[str, Any]
+
+
+def run_merge(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> MergeResult:
+    """Plan (validating every input), claim the output folder, merge the shards, finalize."""
+    plan = build_plan(config, out_dir, options)  # headers only; raises before any write
+    existed = plan.out_dir.exists()
+    resuming = claim_output_dir(plan.out_dir, plan.fingerprint, options.overwrite)
+    done = {job.file_name: m for job in plan.shards if (m := completed_manifest(job)) is not None}
+    todo = sorted((j for j in plan.shards if j.file_name not in done), key=lambda j: (-j.cost, j.index))
+    try:
+        with open_runtime(options, todo) as run_shards:  # connects before any progress is drawn
+            progress = Progress(sum(j.bytes_out for j in todo), sum(len(j.tensors) for j in todo), options.quiet)
+            if done:
+                progress.message(f"resuming: {len(done)} of {len(plan.shards)} shards already complete")
+            try:
+                manifests = list(done.values()) + run_shards(todo, progress)
+            finally:
+                progress.close()
+    except StarDistError:
+        # Bad data met mid-merge (NaN, overflow) or no cluster: leave the folder as this run
+        # found it. Interruptions and crashes keep their shards instead, for the resume.
+        if not resuming:
+            release_output_dir(plan.out_dir, remove_folder=not existed)
+        raise
+    report = finalize(plan, manifests)
+    files = sorted(p.name for p in plan.out_dir.iterdir() if p.is_file())
+    return MergeResult(plan.out_dir, files, len(plan.shards), len(done), report)
+
+
+@contextlib.contextmanager
+def open_runtime(options: RunOptions, todo: list[ShardJob]) -> Iterator[ShardRunner]:
+    """The runner for the chosen runtime, with its cluster (if any) up for the duration.
+    Jobs arrive most expensive first, for balance; nothing to do starts no cluster."""
+    if options.runtime == "local" or not todo:
+        from .runtime.local import run_shards
+
+        yield run_shards
+        return
+    from .runtime import ray as ray_runtime
+
+    with ray_runtime.ray_session(options):
+        yield functools.partial(ray_runtime.run_shards, options=options)
+
+
+def finalize(plan: MergePlan, manifests: list[Manifest]) -> dict[str, Any]:
+    """Copied files, model card and report first; the index last, only after every shard."""
+    out = plan.out_dir
+    out_dtype = DTYPE_NAMES[plan.config.out_dtype] if plan.config.out_dtype else None
+    copy_base_files(plan.base.folder, out, out_dtype)
+    report = merge_report(plan, manifests)
+    write_report(out, report)
+    write_atomic(out / "README.md", model_card(plan, report).encode())
+    if len(plan.shards) > 1:
+        total_size = sum(t.out_bytes for job in plan.shards for t in job.tensors)
+        write_index(out, sorted(manifests, key=lambda m: m["file"]), total_size)
+    return report

@@ -1,0 +1,104 @@
+"""merge_shard(job) -> manifest: the unit of work. Plain Python, no Ray inside.
+
+It runs the same in the driver's process (`--runtime local`) and inside a Ray actor, and
+writes exactly the same bytes in both, as long as the thread count is the same (LAPACK
+and BLAS reductions depend on it), which is why the job carries it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .merge_tensor import TensorMerger, resolve_device
+from .methods import get_method
+from .output import STATE_DIR, manifest_path, write_atomic
+from .plan import ShardJob
+from .safetensors_format import StreamingShardWriter, TensorReader, sha256_file
+
+Manifest = dict[str, Any]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with exactly `n` intra-op threads, then restore the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def merge_shard(
+    job: ShardJob,
+    on_tensor: Callable[[str, int], None] | None = None,
+    worker: dict[str, Any] | None = None,
+) -> Manifest:
+    """Merge every tensor of one output shard, write it atomically, then its manifest.
+
+    `on_tensor(name, out_bytes)` is called after each tensor, for progress bars; `worker`
+    (who ran it: id, pid, GPU ids) is recorded in the manifest.
+    """
+    start = time.perf_counter()
+    out_dir = Path(job.out_dir)
+    method = get_method(job.method, dict(job.method_params))
+    device = resolve_device(job.device)
+    writer = StreamingShardWriter(
+        out_dir / job.file_name, [(t.name, t.out_dtype, t.shape) for t in job.tensors]
+    )
+    report: dict[str, Any] = {}
+    try:
+        with torch_threads(job.threads), TensorReader() as reader:
+            merger = TensorMerger(method, job.weights, job.lambda_, reader, device, job.compute_dtype)
+            for tensor_job in job.tensors:
+                merged, report[tensor_job.name] = merger.merge(tensor_job)
+                writer.write(tensor_job.name, merged)
+                del merged
+                if on_tensor is not None:
+                    on_tensor(tensor_job.name, tensor_job.out_bytes)
+        size, sha256 = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    manifest: Manifest = {
+        "file": job.file_name,
+        "size": size,
+        "sha256": sha256,
+        "fingerprint": job.fingerprint,
+        "tensors": [t.name for t in job.tensors],
+        "report": report,
+        "worker": {"pid": os.getpid(), **(worker or {}), "seconds": round(time.perf_counter() - start, 3)},
+    }
+    write_atomic(manifest_path(out_dir, job.file_name), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def completed_manifest(job: ShardJob) -> Manifest | None:
+    """The manifest of a shard an earlier run finished, if it still checks out (same plan
+    fingerprint, file present with the recorded size and sha256); None means redo it."""
+    out_dir = Path(job.out_dir)
+    path = manifest_path(out_dir, job.file_name)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    shard = out_dir / job.file_name
+    if (
+        manifest.get("fingerprint") != job.fingerprint
+        or not shard.exists()
+        or shard.stat().st_size != manifest.get("size")
+        or sha256_file(shard) != manifest.get("sha256")
+    ):
+        return None
+    return manifest
+
+
+__all__ = ["merge_shard", "completed_manifest", "torch_threads", "Manifest", "STATE_DIR"]

@@ -1,0 +1,152 @@
+"""Tiny llama-shaped checkpoints, made on the spot, for the demo, tests and benchmarks.
+
+Real safetensors files in the Hugging Face layout (`LlamaForCausalLM` loads them), sharded
+with an index like the real thing. Fine-tunes differ from the base by a low-rank update
+plus noise on every matrix and a small shift of every norm, like real task vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 256
+    tie_embeddings: bool = False
+
+
+def llama_config(shape: TinyShape, dtype: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": shape.tie_embeddings,
+        "torch_dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def llama_shapes(shape: TinyShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a LlamaForCausalLM and its shape."""
+    h, i, hd = shape.hidden, shape.intermediate, shape.hidden // shape.heads
+    kv = shape.kv_heads * hd
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab, h), "model.norm.weight": (h,)}
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
+        out.update({
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+    if not shape.tie_embeddings:
+        out["lm_head.weight"] = (shape.vocab, h)
+    return out
+
+
+def make_base(shape: TinyShape, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, dims in llama_shapes(shape).items():
+        if len(dims) == 1:
+            tensors[name] = torch.ones(dims) + 0.01 * torch.randn(dims, generator=g)
+        else:
+            tensors[name] = torch.randn(dims, generator=g) / dims[-1] ** 0.5
+    return tensors
+
+
+def make_finetune(
+    base: dict[str, torch.Tensor], seed: int, rank: int = 4, scale: float = 0.05
+) -> dict[str, torch.Tensor]:
+    """base + (low-rank update + small noise) on matrices, a small shift on vectors."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in base.items():
+        if w.dim() == 2:
+            m, n = w.shape
+            low = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / (rank * n) ** 0.5
+            noise = torch.randn(m, n, generator=g) / n**0.5
+            out[name] = w + scale * (low + 0.1 * noise)  # (m, n)
+        else:
+            out[name] = w + scale * 0.1 * torch.randn(w.shape, generator=g)
+    return out
+
+
+def save_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict, dtype: str, shards: int = 1) -> None:
+    """Write a Hugging Face folder: config.json, generation_config.json, safetensors (+ index)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cast = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    if shards <= 1:
+        save_file(cast, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(cast)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        part = names[s::shards]
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: cast[k] for k in part}, str(folder / file), metadata={"format": "pt"})
+        for k in part:
+            weight_map[k] = file
+            total += cast[k].numel() * cast[k].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_tiny_merge(
+    folder: Path,
+    n_models: int = 3,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    shape: TinyShape | None = None,
+    shards: int = 2,
+    method: str = "star",
+) -> Path:
+    """Write base/, ft0/…ft{N-1}/ and merge.yaml (STAR, η = 40) under `folder`."""
+    shape = shape or TinyShape()
+    base = make_base(shape, seed)
+    config = llama_config(shape, dtype)
+    save_model(folder / "base", base, config, dtype, shards=shards)
+    for i in range(n_models):
+        save_model(folder / f"ft{i}", make_finetune(base, seed + 1000 * (i + 1)), config, dtype, shards=shards)
+    merge = {
+        "merge_method": method,
+        "base_model": "base",
+        "models": [{"model": f"ft{i}"} for i in range(n_models)],
+        "parameters": {"eta": 40} if method == "star" else {},
+        "dtype": "float32",
+    }
+    path = folder / "merge.yaml"
+    header = f"# star-dist merge {path} OUT   (paths are relative to this file)\n"
+    path.write_text(header + yaml.safe_dump(merge, sort_keys=False))
+    return path

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny real checkpoints on disk, the CLI in a subprocess, one Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from star_dist.tiny_models import make_tiny_merge
+
+# Every Ray process stays on loopback (DESIGN §5); no auth prompt; never join a stray cluster.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base + 3 fine-tunes, bfloat16, each sharded over 2 files, and merge.yaml (STAR)."""
+    folder = tmp_path_factory.mktemp("tiny_bf16")
+    make_tiny_merge(folder, n_models=3, dtype="bfloat16", shards=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base + 3 fine-tunes, float32, sharded over 3 files."""
+    folder = tmp_path_factory.mktemp("tiny_fp32")
+    make_tiny_merge(folder, n_models=3, dtype="float32", shards=3, seed=7)
+    return folder
+
+
+@pytest.fixture
+def tiny_copy(tiny_fp32: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the fp32 models (for tests that corrupt inputs)."""
+    dest = tmp_path / "models"
+    shutil.copytree(tiny_fp32, dest)
+    return dest
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `star-dist` command in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    return subprocess.run(
+        [str(BIN / "star-dist"), *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> dict[str, bytes]:
+    """The merged weight files of a folder, for byte-identity checks."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob(pattern))}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder, to prove a failed command left it untouched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local loopback Ray cluster for the whole session (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 1024 * 1024,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
+    yield
+    ray.shutdown()

@@ -1,0 +1,75 @@
+"""Config loading: mergekit keys, every problem reported at once, sizes with units."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from star_dist.config import MergeConfig, parse_size
+from star_dist.errors import ConfigError
+
+
+def test_mergekit_style_yaml(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "ft").mkdir()
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft\n    parameters: {weight: 0.7}\n"
+        "  - model: org/hub-model\nparameters: {density: 0.5, lambda: 0.8}\ndtype: float32\nout_dtype: bfloat16\n"
+    )
+    config = MergeConfig.from_yaml(path)
+    assert config.merge_method == "ties"
+    assert config.base_model == str(tmp_path / "base")  # relative to the config file
+    assert config.models[0].model == str(tmp_path / "ft") and config.models[0].weight == 0.7
+    assert config.models[1].model == "org/hub-model" and config.models[1].weight is None
+    assert config.lambda_ == 0.8 and config.method_params() == {"density": 0.5}
+    assert config.out_dtype == "bfloat16"
+    again = MergeConfig.from_dict(config.to_dict())
+    assert again == config
+
+
+def test_all_problems_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        MergeConfig.from_dict({"merge_method": "star", "models": [], "dtype": "int8", "colour": 1})
+    text = str(info.value)
+    for part in ("unknown key 'colour'", "base_model is missing", "no models to merge", "dtype 'int8'"):
+        assert part in text
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"eta": 0}, "eta"),
+        ({"eta": 100.5}, "eta"),
+        ({"lambda": "big"}, "lambda 'big' is not a number"),
+    ],
+)
+def test_star_parameter_ranges(params: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MergeConfig.from_dict({"merge_method": "star", "base_model": "b", "models": ["m"], "parameters": params})
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5])
+def test_ties_density_range(density: float) -> None:
+    with pytest.raises(ConfigError, match="density"):
+        MergeConfig.from_dict(
+            {"merge_method": "ties", "base_model": "b", "models": ["m"], "parameters": {"density": density}}
+        )
+
+
+def test_unknown_method_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        MergeConfig.from_dict({"merge_method": "slerp", "base_model": "b", "models": ["m"]})
+    for name in ("star", "task_arithmetic", "ties", "average"):
+        assert name in str(info.value)
+
+
+def test_parse_size() -> None:
+    assert parse_size("5GB") == 5 * 1000**3
+    assert parse_size("500MB") == 500 * 1000**2
+    assert parse_size("2GiB") == 2 * 1024**3
+    assert parse_size("1.5kb") == 1500
+    assert parse_size(1234) == 1234
+    with pytest.raises(ConfigError, match="e.g. 5GB"):
+        parse_size("5 parsecs")

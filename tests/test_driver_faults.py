@@ -1,0 +1,119 @@
+"""A driver killed with SIGKILL mid-run, then the same command again; and `ray job submit`
+against a local loopback head that the test starts and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+import star_dist
+from star_dist.safetensors_format import sha256_file
+from star_dist.tiny_models import TinyShape, make_tiny_merge
+
+from .conftest import BIN, folder_bytes, run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def medium_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Big enough that one worker takes several seconds over many shards."""
+    folder = tmp_path_factory.mktemp("medium")
+    shape = TinyShape(hidden=384, intermediate=1024, layers=4, heads=6, kv_heads=2, vocab=1024)
+    make_tiny_merge(folder, n_models=3, dtype="float32", shape=shape, shards=2)
+    return folder
+
+
+def test_killed_driver_leaves_no_partial_file_and_rerun_resumes(medium_models: Path, tmp_path: Path) -> None:
+    config = medium_models / "merge.yaml"
+    args = ["merge", str(config), str(tmp_path / "out"), "--workers", "1", "--max-shard-size", "1MB", "--quiet"]
+    star_dist.merge(config, tmp_path / "local", runtime="local", quiet=True, max_shard_size="1MB")
+    expected = folder_bytes(tmp_path / "local")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(BIN / "star-dist"), *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    manifests = tmp_path / "out" / ".star_dist" / "shards"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(manifests.glob("*.json"))) < 2:
+        assert proc.poll() is None, "the merge ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait(timeout=30)
+    done = {p.name.removesuffix(".json") for p in manifests.glob("*.json")}
+    assert 0 < len(done) < len(expected), "kill did not land mid-run"
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    for shard in (tmp_path / "out").glob("model-*.safetensors"):  # final names: complete files only
+        with safe_open(str(shard), framework="pt") as fh:
+            assert fh.keys()
+        if shard.name in done:
+            manifest = json.loads((manifests / f"{shard.name}.json").read_text())
+            assert manifest["sha256"] == sha256_file(shard)
+    result = run_cli(*args[:-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed" in result.stdout
+    assert folder_bytes(tmp_path / "out") == expected
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"port {port} never opened")
+
+
+def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) -> None:
+    expected = folder_bytes(star_dist.merge(tiny_fp32 / "merge.yaml", tmp_path / "local", quiet=True).out_dir)
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": ray_tmp,
+    }
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         f"--temp-dir={ray_tmp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_for_port(dashboard_port, 120)
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--",
+             "star-dist", "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "job_out"), "--address", "auto",
+             "--quiet"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout.lower()
+        assert folder_bytes(tmp_path / "job_out") == expected
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -33,6 +33,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (0, 1]; default 0.2")
     g.add_argument("--dtype", help="computation dtype: float32 (default) or float64")
     g.add_argument("--out-dtype", help="output dtype: float32, float16, bfloat16 (default: the base's)")
+    g.add_argument("--output-format", choices=["model", "adapter"],
+                   help="model (default): a full HF model; adapter: one PEFT LoRA adapter (LoRA inputs only)")
 
 
 def _run_args(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
     if args.config:
         base_dir = Path(args.config).parent
         data = load_config(args.config).to_dict()
-    for key in ("merge_method", "base_model", "dtype", "out_dtype"):
+    for key in ("merge_method", "base_model", "dtype", "out_dtype", "output_format"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
     if args.models:

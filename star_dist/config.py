@@ -11,6 +11,7 @@ Keys follow mergekit where they mean the same thing, so an existing mergekit YAM
     parameters: {eta: 40, lambda: 1.0, density: 0.2}
     dtype: float32                 # computation dtype (float32 or float64)
     out_dtype: bfloat16            # optional; default: each tensor keeps the base's dtype
+    output_format: model           # model (default) | adapter (LoRA inputs only: one PEFT adapter)
 
 Execution settings (runtime, workers, shard size...) are not part of the merge's meaning,
 so they live in `RunOptions`, filled from CLI flags or keyword arguments.
@@ -38,6 +39,7 @@ DTYPE_NAMES = {
     "float64": "F64",
 }
 COMPUTE_DTYPES = ("float32", "float64")
+OUTPUT_FORMATS = ("model", "adapter")
 ENGINE_PARAMS = ("lambda", "weight")
 DEFAULT_METHOD = "star"
 DEFAULT_LAMBDA = 1.0
@@ -62,6 +64,7 @@ class MergeConfig:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
     out_dtype: str | None = None
+    output_format: str = "model"
 
     @property
     def lambda_(self) -> float:
@@ -83,6 +86,8 @@ class MergeConfig:
         out["dtype"] = self.dtype
         if self.out_dtype is not None:
             out["out_dtype"] = self.out_dtype
+        if self.output_format != "model":
+            out["output_format"] = self.output_format
         return out
 
     def to_yaml(self) -> str:
@@ -94,7 +99,7 @@ class MergeConfig:
         problems: list[str] = []
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+        known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format"}
         for key in data:
             if key not in known:
                 problems.append(f"unknown key {key!r} (valid: {', '.join(sorted(known))})")
@@ -122,6 +127,9 @@ class MergeConfig:
         out_dtype = data.get("out_dtype")
         if out_dtype is not None and str(out_dtype) not in DTYPE_NAMES:
             problems.append(f"out_dtype {out_dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        output_format = str(data.get("output_format", "model"))
+        if output_format not in OUTPUT_FORMATS:
+            problems.append(f"output_format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         config = cls(
@@ -131,6 +139,7 @@ class MergeConfig:
             parameters=dict(params),
             dtype=dtype,
             out_dtype=None if out_dtype is None else str(out_dtype),
+            output_format=output_format,
         )
         config.validate(source)
         return config
@@ -181,6 +190,7 @@ class MergeConfig:
             parameters=self.parameters,
             dtype=self.dtype,
             out_dtype=self.out_dtype,
+            output_format=self.output_format,
         )
 
 

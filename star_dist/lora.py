@@ -25,9 +25,14 @@ from .errors import InputError
 from .safetensors_format import TensorEntry, read_header
 
 ADAPTER_FILE = "adapter_model.safetensors"
+_UNSUPPORTED_KINDS = (
+    ("magnitude", "DoRA magnitude"),
+    ("embedding", "embedding LoRA"),
+    ("trainable_tokens", "trainable tokens"),
+)
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "trainable_tokens")
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
             f"{path}: DoRA adapters (use_dora: true) are not supported: their update is not "
             "s·B·A; merge them into full checkpoints with peft's merge_and_unload first"
         )
+    if config.get("lora_bias"):
+        raise InputError(f"{path}: lora_bias adapters are not supported (their update is not s·B·A alone)")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)):
             raise InputError(f"{path}: `{key}` is missing or not a number")
@@ -121,7 +128,7 @@ def _map_entries(
     full: dict[str, TensorEntry] = {}
     for key, entry in sorted(entries.items()):
         if any(part in key for part in _UNSUPPORTED_KEYS):
-            kind = "DoRA magnitude" if "magnitude" in key else "embedding LoRA"
+            kind = next(k for part, k in _UNSUPPORTED_KINDS if part in key)
             raise InputError(f"{file}: tensor {key!r}: {kind} is not supported; merge it into the weights first")
         name = key.removeprefix(PEFT_PREFIX)
         match = _LORA_KEY.match(name)
@@ -167,3 +174,41 @@ def _map_entries(
             raise InputError(f"{file}: tensor {name!r} (shape {list(entry.shape)}) {got}")
         sources[name] = entry
     return sources
+
+
+def merged_adapter_config(template: dict[str, Any], ranks: dict[str, int], base_model: str) -> dict[str, Any]:
+    """adapter_config.json for a merged adapter whose module `m` has rank `ranks[m]`.
+
+    Every module gets lora_alpha equal to its rank, so PEFT's scale alpha/r is exactly 1
+    and B @ A is the merged update itself. The most common rank is the default `r`; the
+    others go in rank_pattern/alpha_pattern under their escaped full module names (PEFT
+    reads pattern keys as regular expressions).
+    """
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    default = max(sorted(counts), key=lambda r: counts[r]) if counts else 1
+    pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != default}
+    config = {k: v for k, v in template.items() if k in _KEPT_CONFIG_KEYS}
+    config.update({
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model,
+        "r": default,
+        "lora_alpha": default,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "fan_in_fan_out": bool(template.get("fan_in_fan_out", False)),
+    })
+    return config
+
+
+# Settings of the input adapters that still describe the merged one.
+_KEPT_CONFIG_KEYS = ("task_type", "peft_version", "revision")

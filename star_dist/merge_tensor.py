@@ -75,6 +75,36 @@ class TensorMerger:
         report.update(_collate(per_model))
         return out.cpu(), report
 
+    def merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The merged update λ Σ_i w_i f(τ_i) of one LoRA-adapted module as PEFT factors
+        (lora_B (out, R), lora_A (R, in)) with R = Σ kept ranks: exact, never formed densely."""
+        start = time.perf_counter()
+        lefts, rights, per_model = [], [], []
+        for weight, src in zip(self.weights, job.models, strict=True):
+            if src is None:
+                per_model.append(None)
+                continue
+            assert isinstance(src, LoraSource), "planned adapter jobs hold only LoRA sources"
+            update, stats = self.method.transform(self._lora_factors(src, job.name))
+            if not isinstance(update, LowRank):
+                raise MergeError(f"tensor {job.name!r}: {self.method.name} did not keep the update low-rank")
+            lefts.append(update.left.mul(weight * self.lambda_))  # (m, r_i)
+            rights.append(update.right)  # (r_i, n)
+            per_model.append(stats)
+        m, n = job.shape
+        left = torch.cat(lefts, dim=1) if lefts else torch.zeros(m, 0, device=self.device)  # (m, R)
+        right = torch.cat(rights, dim=0) if rights else torch.zeros(0, n, device=self.device)  # (R, n)
+        if left.shape[1] == 0:  # nothing kept: a rank-1 zero update keeps PEFT's layout valid
+            left, right = torch.zeros(m, 1, device=self.device), torch.zeros(1, n, device=self.device)
+        fan_in_fan_out = any(isinstance(s, LoraSource) and s.fan_in_fan_out for s in job.models)
+        # PEFT: τ = B @ A, or (B @ A)ᵀ when the base stores (in, out) (fan_in_fan_out).
+        lora_b, lora_a = (right.T, left.T) if fan_in_fan_out else (left, right)
+        torch_dtype = DTYPES[job.out_dtype][0]
+        report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
+        report.update(_collate(per_model))
+        report["adapter_rank"] = lora_a.shape[0]
+        return lora_b.to(torch_dtype).contiguous().cpu(), lora_a.to(torch_dtype).contiguous().cpu(), report
+
     # -- streaming: base + λ Σ w_i f(τ_i) ---------------------------------------------------
     def _merge_streaming(
         self, job: TensorJob, base: torch.Tensor
@@ -151,9 +181,9 @@ class TensorMerger:
 def _accumulate(acc: torch.Tensor, update: TaskVector, weight: float) -> None:
     """acc += weight · update, without forming a LowRank update densely in a separate tensor."""
     if isinstance(update, LowRank):
-        acc.addmm_(update.left, update.right, alpha=weight)  # (m, r) @ (r, n)
+        acc.addmm_(update.left.to(acc.dtype), update.right.to(acc.dtype), alpha=weight)  # (m, r) @ (r, n)
     else:
-        acc.add_(update, alpha=weight)
+        acc.add_(update.to(acc.dtype), alpha=weight)
 
 
 def _collate(per_model: list[dict[str, Any] | None]) -> dict[str, list[Any]]:

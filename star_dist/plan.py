@@ -18,9 +18,10 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .inputs import FullInput, LoraAdapter, LoraSource, open_input
-from .methods import get_method
+from .lora import ADAPTER_FILE
+from .methods import MergeMethod, get_method
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
 Source = TensorEntry | LoraSource | None  # None: an adapter that does not touch this tensor
@@ -37,10 +38,17 @@ class TensorJob:
     base: TensorEntry
     models: tuple[Source, ...]
     merge: bool  # False: a non-float tensor, copied from the base
+    adapter: bool = False  # True: the output is this module's merged LoRA factors
 
     @property
     def out_bytes(self) -> int:
-        return self.base.numel * DTYPES[self.out_dtype][1]
+        """Bytes written; for adapter factors an upper bound (STAR keeps at most each rank)."""
+        itemsize = DTYPES[self.out_dtype][1]
+        if self.adapter:
+            m, n = self.shape
+            ranks = sum(s.rank for s in self.models if isinstance(s, LoraSource))
+            return (m + n) * max(ranks, 1) * itemsize
+        return self.base.numel * itemsize
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ class ShardJob:
     fingerprint: str
     cost: float  # relative compute cost, to hand out the most expensive shards first
     bytes_read: int
-    bytes_out: int
+    bytes_out: int  # for an adapter: an upper bound (ranks are known only after STAR)
+    output_format: str = "model"
 
 
 @dataclass
@@ -125,6 +134,8 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     weights = tuple(method.resolve_weights([m.weight for m in config.models]))
     out_dtype_code = DTYPE_NAMES[config.out_dtype] if config.out_dtype else None
 
+    if config.output_format == "adapter":
+        check_adapter_output(config, method, inputs)
     tensor_jobs: list[TensorJob] = []
     for name in sorted(base.tensors, key=natural_key):
         entry = base.tensors[name]
@@ -137,7 +148,11 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     for inp in inputs:
         inp.check_no_extra(set(base.tensors))
 
-    groups = _pack_shards(tensor_jobs, options.max_shard_size)
+    if config.output_format == "adapter":  # one PEFT file: only the modules some adapter adapts
+        adapted = [t for t in tensor_jobs if any(isinstance(s, LoraSource) for s in t.models)]
+        groups = [[_as_adapter_job(t, out_dtype_code) for t in adapted]]
+    else:
+        groups = _pack_shards(tensor_jobs, options.max_shard_size)
     svd_ops = 0
     shards_draft = []
     for tensors in groups:
@@ -149,7 +164,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     shards = [
         ShardJob(
             index=i,
-            file_name=SINGLE_SHARD_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors",
+            file_name=_shard_name(config.output_format, i, n),
             tensors=tuple(tensors),
             method=config.merge_method,
             method_params=tuple(sorted(config.method_params().items())),
@@ -163,6 +178,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
             cost=cost,
             bytes_read=sum(_bytes_read(t) for t in tensors),
             bytes_out=sum(t.out_bytes for t in tensors),
+            output_format=config.output_format,
         )
         for i, (tensors, cost) in enumerate(shards_draft)
     ]
@@ -176,6 +192,44 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         n_svds=svd_ops,
         peak_memory_per_worker=_peak_memory(tensor_jobs, method.streaming, len(inputs)),
     )
+
+
+def _shard_name(output_format: str, index: int, count: int) -> str:
+    if output_format == "adapter":
+        return ADAPTER_FILE
+    return SINGLE_SHARD_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def check_adapter_output(config: MergeConfig, method: MergeMethod, inputs: list[FullInput | LoraAdapter]) -> None:
+    """An adapter output holds only low-rank updates: every input must be a pure LoRA
+    adapter, and the method must keep low-rank updates low-rank (not TIES)."""
+    if not method.streaming:
+        raise ConfigError(
+            f"output_format adapter: {config.merge_method} cannot produce an adapter (its element-wise "
+            "trim and sign election are not low-rank); use star, task_arithmetic or average"
+        )
+    layouts = set()
+    for inp in inputs:
+        if not isinstance(inp, LoraAdapter):
+            raise InputError(
+                f"{inp.checkpoint.folder}: output_format adapter needs LoRA adapter inputs, "
+                "but this is a full checkpoint; use output_format model"
+            )
+        full = sorted(name for name, src in inp.sources.items() if not isinstance(src, LoraSource))
+        if full:
+            raise InputError(
+                f"{inp.folder / ADAPTER_FILE}: tensor {full[0]!r} is a full tensor (modules_to_save or a "
+                "trained bias), which a LoRA adapter output cannot carry; use output_format model"
+            )
+        layouts.add(bool(inp.config.get("fan_in_fan_out")))
+    if len(layouts) > 1:
+        raise InputError("output_format adapter: the adapters disagree on fan_in_fan_out")
+
+
+def _as_adapter_job(job: TensorJob, out_dtype_code: str | None) -> TensorJob:
+    """The module's merged factors: dtype of the adapters (or out_dtype), same sources."""
+    first = next(s for s in job.models if isinstance(s, LoraSource))
+    return TensorJob(job.name, job.shape, out_dtype_code or first.a.dtype, job.base, job.models, True, adapter=True)
 
 
 def _check_identical_copies(name: str, entry: TensorEntry, sources: tuple[Source, ...]) -> None:

@@ -42,7 +42,8 @@ def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
     config = plan.config
     method = get_method(config.merge_method, config.method_params())
     is_hub_id = not Path(config.base_model).exists()
-    front = ["---", "library_name: transformers", "tags:", "- merge", "- star_dist", f"- {config.merge_method}"]
+    library = "peft" if config.output_format == "adapter" else "transformers"
+    front = ["---", f"library_name: {library}", "tags:", "- merge", "- star_dist", f"- {config.merge_method}"]
     if is_hub_id:
         front.append(f"base_model: {config.base_model}")
     front.append("---")

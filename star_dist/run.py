@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import StarDistError
+from .lora import merged_adapter_config
 from .output import claim_output_dir, copy_base_files, release_output_dir, write_atomic, write_index
 from .plan import MergePlan, ShardJob, build_plan
 from .progress import Progress
@@ -76,9 +78,14 @@ def open_runtime(options: RunOptions, todo: list[ShardJob]) -> Iterator[ShardRun
 def finalize(plan: MergePlan, manifests: list[Manifest]) -> dict[str, Any]:
     """Copied files, model card and report first; the index last, only after every shard."""
     out = plan.out_dir
-    out_dtype = DTYPE_NAMES[plan.config.out_dtype] if plan.config.out_dtype else None
-    copy_base_files(plan.base.folder, out, out_dtype)
     report = merge_report(plan, manifests)
+    if plan.config.output_format == "adapter":
+        ranks = {name.removesuffix(".weight"): entry["adapter_rank"] for name, entry in report["tensors"].items()}
+        config = merged_adapter_config(plan.inputs[0].config, ranks, plan.config.base_model)
+        write_atomic(out / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    else:
+        out_dtype = DTYPE_NAMES[plan.config.out_dtype] if plan.config.out_dtype else None
+        copy_base_files(plan.base.folder, out, out_dtype)
     write_report(out, report)
     write_atomic(out / "README.md", model_card(plan, report).encode())
     if len(plan.shards) > 1:

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from .lora import PEFT_PREFIX
 from .merge_tensor import TensorMerger, resolve_device
 from .methods import get_method
 from .output import STATE_DIR, manifest_path, write_atomic
 from .plan import ShardJob
-from .safetensors_format import StreamingShardWriter, TensorReader, sha256_file
+from .safetensors_format import TORCH_TO_CODE, StreamingShardWriter, TensorReader, sha256_file
 
 Manifest = dict[str, Any]
 
@@ -48,6 +49,8 @@ def merge_shard(
     (who ran it: id, pid, GPU ids) is recorded in the manifest.
     """
     start = time.perf_counter()
+    if job.output_format == "adapter":
+        return _merge_adapter(job, start, worker)
     out_dir = Path(job.out_dir)
     method = get_method(job.method, dict(job.method_params))
     device = resolve_device(job.device)
@@ -68,6 +71,13 @@ def merge_shard(
     except BaseException:
         writer.abort()
         raise
+    return _finish(job, size, sha256, report, start, worker)
+
+
+def _finish(
+    job: ShardJob, size: int, sha256: str, report: dict[str, Any], start: float, worker: dict[str, Any] | None
+) -> Manifest:
+    """Write the shard's manifest (after the shard itself is in place) and return it."""
     manifest: Manifest = {
         "file": job.file_name,
         "size": size,
@@ -77,8 +87,35 @@ def merge_shard(
         "report": report,
         "worker": {"pid": os.getpid(), **(worker or {}), "seconds": round(time.perf_counter() - start, 3)},
     }
-    write_atomic(manifest_path(out_dir, job.file_name), json.dumps(manifest, indent=1).encode())
+    write_atomic(manifest_path(Path(job.out_dir), job.file_name), json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _merge_adapter(job: ShardJob, start: float, worker: dict[str, Any] | None) -> Manifest:
+    """One PEFT adapter file: every module's merged factors. Ranks are known only after
+    STAR, so the (small) factors are computed first and then written with their header."""
+    method = get_method(job.method, dict(job.method_params))
+    factors: list[tuple[str, torch.Tensor]] = []
+    report: dict[str, Any] = {}
+    with torch_threads(job.threads), TensorReader() as reader:
+        merger = TensorMerger(method, job.weights, job.lambda_, reader, resolve_device(job.device), job.compute_dtype)
+        for tensor_job in job.tensors:
+            lora_b, lora_a, report[tensor_job.name] = merger.merge_factors(tensor_job)
+            module = PEFT_PREFIX + tensor_job.name.removesuffix(".weight")
+            factors += [(f"{module}.lora_A.weight", lora_a), (f"{module}.lora_B.weight", lora_b)]
+    factors.sort(key=lambda item: item[0])
+    writer = StreamingShardWriter(
+        Path(job.out_dir) / job.file_name,
+        [(name, TORCH_TO_CODE[t.dtype], tuple(t.shape)) for name, t in factors],
+    )
+    try:
+        for name, tensor in factors:
+            writer.write(name, tensor)
+        size, sha256 = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return _finish(job, size, sha256, report, start, worker)
 
 
 def completed_manifest(job: ShardJob) -> Manifest | None:

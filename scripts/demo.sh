@@ -11,7 +11,7 @@ work="${DEMO_WORK:-demo_out/inputs}"
 out="${DEMO_OUT:-demo_out/merged}"
 rm -rf "$work" "$out"
 "$bin/star-dist" make-tiny "$work" --models 3
-"$bin/star-dist" plan "$work/merge.yaml"
+"$bin/star-dist" plan "$work/merge.yaml" --max-shard-size 200kB
 "$bin/star-dist" merge "$work/merge.yaml" "$out" --max-shard-size 200kB
 "$bin/python" - "$out" <<'PY'
 import json, statistics, sys

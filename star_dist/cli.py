@@ -157,7 +157,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    gib = 1024**3
     print(f"method      {summary['method']}  {summary['parameters'] or ''}")
     print(f"base        {summary['base_model']}")
     for model, kind in zip(summary["models"], summary["input_kinds"], strict=True):
@@ -165,12 +164,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"tensors     {summary['tensors']} ({summary['tensors_merged']} merged, the rest copied)")
     print(f"shards      {len(summary['shards'])}")
     for shard in summary["shards"]:
-        print(f"  {shard['file']}  {shard['tensors']} tensors  {shard['bytes'] / gib:.3f} GiB")
-    print(f"read        {summary['bytes_to_read'] / gib:.3f} GiB")
-    print(f"write       {summary['bytes_to_write'] / gib:.3f} GiB")
+        print(f"  {shard['file']}  {shard['tensors']} tensors  {human_bytes(shard['bytes'])}")
+    print(f"read        {human_bytes(summary['bytes_to_read'])}")
+    print(f"write       {human_bytes(summary['bytes_to_write'])}")
     print(f"SVDs        {summary['svds']}")
-    print(f"peak memory {summary['peak_memory_per_worker_bytes'] / gib:.3f} GiB per worker (estimate)")
+    print(f"peak memory {human_bytes(summary['peak_memory_per_worker_bytes'])} per worker (estimate)")
     return 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

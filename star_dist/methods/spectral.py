@@ -1,32 +1,49 @@
 """SVD building blocks for STAR: every singular value, the kept rank, the top-r factors.
 
-STAR needs all singular values (their sum Σσ is the nuclear norm it preserves) but only the
-top-r singular vectors. So the values come from LAPACK's values-only SVD, and the vectors
-from one of two exact routes (`top_factors`):
+STAR needs all singular values (their sum Σσ is the nuclear norm it preserves, and the kept
+rank r is read off their cumulative sum) but only the top-r singular vectors, and only the
+subspace they span: τ' = c · τ V_r V_rᵀ with one scale c for every kept value. So:
 
-* ``"gram"``: the eigendecomposition of the float64 Gram matrix of the smaller side
-  (G = τᵀτ or ττᵀ). Only the top-r eigenvectors are used; their accuracy depends on the
-  gap λ_r − λ_{r+1} relative to λ_1 at float64 precision, far better than a float32 SVD.
-  The small σ are never taken from G (they lose half their digits there).
-* ``"svd"``: a thin float32 `torch.linalg.svd`, the authors' path.
+* values: LAPACK's values-only SVD in float32 (`singular_values`), exactly as the reference
+  computed them, which matters for the rounding of the rank rule (`kept_rank`);
+* vectors (`top_factors`), float64 and exact to far below float32 resolution:
+  - ``"subspace"``: block power iteration on G = τᵀτ (never formed), its block size and step
+    count planned from the known spectrum, its result certified by the Davis–Kahan bound
+    (subspace angle ≤ 1e-9) or else replaced by ``"gram"``. Cheap when σ falls off past r,
+    as it does for real task vectors.
+  - ``"gram"``: the eigendecomposition of the float64 Gram matrix of the smaller side. Its
+    top eigenvectors are accurate to ~eps64·σ_1²/(σ_r² − σ_{r+1}²), better than a float32
+    SVD; the small σ are never taken from G (they lose half their digits there).
+  - ``"svd"``: a float32 thin SVD, the authors' path; kept for comparison.
+  - ``"auto"`` (the default): ``"subspace"`` when its planned cost is below ``"gram"``'s.
 
-Both return factors whose product is U_r diag(σ_r) V_rᵀ; STAR only rescales it, so it never
-divides by a singular value (safe for tiny or zero σ). For LoRA task vectors `lowrank_svd`
-gives the exact thin SVD of left @ right from two QRs and an r×r SVD.
+Factors are returned so that their product is the truncation, and no singular value is ever
+divided by (safe for tiny or zero σ). For LoRA task vectors `lowrank_svd` gives the exact thin
+SVD of left @ right from two QRs and an r×r SVD, never forming the m×n matrix.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
 from star_dist.errors import MergeError
 
-TopMethod = Literal["gram", "svd"]
+TopMethod = Literal["auto", "subspace", "gram", "svd"]
 
 # Row blocks for the float64 products, so no full float64 copy of τ is ever held.
 _BLOCK_ELEMENTS = 1 << 22
+# Block power iteration: the certified subspace angle, a cap on the steps it may plan, a few
+# steps of slack over the prediction, and a fixed seed for the start block (deterministic).
+_SUBSPACE_TOL = 1e-9
+_SUBSPACE_MAX_ITER = 40
+_SUBSPACE_EXTRA_STEPS = 4
+_SUBSPACE_SEED = 0
+# A bound on the absolute error of a float32 values-only σ, over σ_1: backward-stable values
+# are off by a small multiple of eps32·σ_1; this allows 8·√k·eps32 and at least 1e-6.
+_EPS32 = float(torch.finfo(torch.float32).eps)
 
 
 def singular_values(tau: torch.Tensor) -> torch.Tensor:
@@ -93,30 +110,140 @@ def _project_f64(tall: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def top_factors(tau: torch.Tensor, r: int, method: TopMethod = "gram") -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact rank-r truncation of a 2-D τ as factors (left (m, r), right (r, n)), float64.
+def _tall(tau: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """τ or τᵀ, whichever has at least as many rows as columns (a view), and whether τ is wide."""
+    wide = tau.shape[0] < tau.shape[1]
+    return (tau.T if wide else tau), wide
 
-    left @ right = U_r diag(σ_r) V_rᵀ. With ``"svd"`` and with ``"gram"`` on a tall or square τ,
-    left = U_r diag(σ_r) and right = V_rᵀ. With ``"gram"`` on a wide τ (m < n) the work is
-    done on τᵀ, so left = U_r and right = diag(σ_r) V_rᵀ. Either way the product is the
-    projection of τ on its top-r singular subspace; no singular value is divided by.
-    """
-    m, n = tau.shape
-    if method == "svd":
-        u, s, vh = torch.linalg.svd(tau.to(torch.float32), full_matrices=False)
-        left = (u[:, :r] * s[:r]).to(torch.float64)  # (m, r) U_r diag(σ_r)
-        return left, vh[:r].to(torch.float64)  # (r, n) V_rᵀ
-    if method != "gram":
-        raise ValueError(f"unknown top_factors method {method!r}; use 'gram' or 'svd'")
-    wide = m < n
-    tall = tau.T if wide else tau  # (max, min): the Gram matrix is on the smaller side
-    gram = _gram_f64(tall)  # (k, k), k = min(m, n)
-    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues, (k, k)
-    basis = vectors[:, -r:].flip(-1) if r > 0 else vectors[:, :0]  # (k, r) top-r, descending
-    projected = _project_f64(tall, basis)  # (max, r) = U diag(σ) on the long side
+
+def _as_factors(tall: torch.Tensor, basis: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """From an orthonormal basis (k, r) of the top right singular subspace of `tall` to factors of τ."""
+    projected = _project_f64(tall, basis)  # (max, r) = U_r diag(σ_r) on the long side
     if wide:
         return basis, projected.T  # (m, r) U_r, (r, n) diag(σ_r) V_rᵀ
     return projected, basis.T  # (m, r) U_r diag(σ_r), (r, n) V_rᵀ
+
+
+def _gram_basis(tall: torch.Tensor, r: int) -> torch.Tensor:
+    """Top-r eigenvectors of the float64 Gram matrix, descending: (k, r)."""
+    gram = _gram_f64(tall)  # (k, k), k = min(m, n)
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues, (k, k)
+    return vectors[:, vectors.shape[1] - r :].flip(-1)  # (k, r)
+
+
+def _gram_times(tall: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """G @ block = tallᵀ (tall @ block) in float64 without forming G: (k, b)."""
+    n_rows, k = tall.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    out = torch.zeros(k, block.shape[1], dtype=torch.float64, device=tall.device)  # (k, b)
+    for a in range(0, n_rows, rows):
+        chunk = tall[a : a + rows].to(torch.float64)  # (rows, k)
+        out.addmm_(chunk.T, chunk @ block)
+    return out
+
+
+def _subspace_plan(s: torch.Tensor, r: int, n_rows: int) -> tuple[int, int] | None:
+    """Block size b and predicted iterations q for `_subspace_basis`, or None if eigh is cheaper.
+
+    With the spectrum known, block power iteration on G converges like ρ^q with
+    ρ = (σ_{b+1}/σ_r)²; a random start is off by about √k, so q = log(tol/√k)/log ρ. Every
+    b from r + 4 to min(k/2, 2r + 128) is tried (a gap in the spectrum just above r makes a
+    small block converge at once). A step is 4·n_rows·k·b flops in narrow GEMMs plus a cast,
+    measured about half as fast as the Gram GEMM and eigh, hence ≈ n_rows·k·(8b + 40) against
+    ≈ 2·n_rows·k² + 10·k³ for Gram + eigh.
+    """
+    k = s.numel()
+    s64 = s.to(torch.float64)
+    low, high = r + 4, min(k // 2, 2 * r + 128)
+    if high < low or not bool(s64[r - 1] > 0):
+        return None
+    blocks = torch.arange(low, high + 1)  # candidate b
+    rho = (s64[blocks] / s64[r - 1]) ** 2  # (nb,) convergence factor per step, < 1 past a gap
+    with torch.no_grad():
+        steps = torch.where(
+            rho > 0,
+            torch.ceil(math.log(_SUBSPACE_TOL / math.sqrt(k)) / torch.log(rho.clamp(max=1 - 1e-12))) + 1,
+            torch.ones_like(rho),
+        )
+    cost = steps * n_rows * k * (8.0 * blocks + 40.0)  # (nb,)
+    cost[steps > _SUBSPACE_MAX_ITER] = math.inf
+    best = int(torch.argmin(cost))
+    if not math.isfinite(float(cost[best])) or float(cost[best]) > 2.0 * n_rows * k * k + 10.0 * k**3:
+        return None
+    return int(blocks[best]), int(steps[best])
+
+
+def _subspace_basis(tall: torch.Tensor, s: torch.Tensor, r: int, b: int, q: int) -> torch.Tensor | None:
+    """Top-r right singular subspace of `tall` by float64 block power iteration, certified.
+
+    After q steps, Rayleigh–Ritz on the block gives r Ritz vectors with values θ_i and residual
+    R = G V_r − V_r diag(θ); by the Davis–Kahan sin θ theorem the angle to the exact subspace
+    is ≤ ‖R‖_F / (θ_r − λ_{r+1}), with λ_{r+1} from the values-only SVD (inflated by its error).
+    Returns None (the caller falls back to eigh) when that bound is not ≤ tol after a few
+    extra steps. The start block is drawn from a fixed seed, so the result is deterministic.
+    """
+    k = tall.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(_SUBSPACE_SEED)
+    start = torch.randn(k, b, generator=gen, dtype=torch.float64).to(tall.device)  # (k, b)
+    basis, _ = torch.linalg.qr(start)  # (k, b)
+    image = _gram_times(tall, basis)  # (k, b) G Q
+    s64 = s.to(torch.float64)
+    slack = max(1e-6, 8.0 * math.sqrt(k) * _EPS32) * float(s64[0])
+    lam_next = (float(s64[r]) + slack) ** 2  # ≥ λ_{r+1} despite float32 values; r < b < k
+    for step in range(1, q + _SUBSPACE_EXTRA_STEPS + 1):
+        basis, _ = torch.linalg.qr(image)  # (k, b) one power step: span(G Q)
+        image = _gram_times(tall, basis)  # (k, b)
+        if step < q:
+            continue
+        # Rayleigh–Ritz in the block: Qᵀ G Q = W diag(θ) Wᵀ, Ritz vectors Q W.
+        theta, rot = torch.linalg.eigh(basis.T @ image)  # (b,), (b, b) ascending
+        top = rot[:, b - r :].flip(-1)  # (b, r)
+        ritz = basis @ top  # (k, r)
+        residual = image @ top - ritz * theta[b - r :].flip(-1)  # (k, r) G V_r − V_r diag(θ)
+        gap = float(theta[b - r]) - lam_next
+        if gap > 0 and float(torch.linalg.matrix_norm(residual)) <= _SUBSPACE_TOL * gap:
+            return ritz
+    return None
+
+
+def top_factors(
+    tau: torch.Tensor, r: int, method: TopMethod = "auto", s: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r truncation of a 2-D τ as float64 factors (left (m, r), right (r, n)).
+
+    left @ right = U_r diag(σ_r) V_rᵀ, the projection of τ on its top-r singular subspace; no
+    singular value is divided by. Methods:
+
+    * ``"svd"``: float32 thin SVD (the authors' path); left = U_r diag(σ_r), right = V_rᵀ.
+    * ``"gram"``: top-r eigenvectors of the float64 Gram matrix of the smaller side.
+    * ``"subspace"``: float64 block power iteration sized from the known spectrum `s` (every
+      singular value, from `singular_values`), certified to a subspace angle ≤ 1e-9 by the
+      Davis–Kahan bound, else it falls back to ``"gram"``.
+    * ``"auto"`` (default): ``"subspace"`` when its predicted cost is below Gram + eigh, else
+      ``"gram"``.
+
+    For the Gram-based methods the work is on τᵀ when τ is wide (m < n); then left = U_r and
+    right = diag(σ_r) V_rᵀ; otherwise left = U_r diag(σ_r) and right = V_rᵀ.
+    """
+    if method == "svd":
+        u, sv, vh = torch.linalg.svd(tau.to(torch.float32), full_matrices=False)
+        left = (u[:, :r] * sv[:r]).to(torch.float64)  # (m, r) U_r diag(σ_r)
+        return left, vh[:r].to(torch.float64)  # (r, n) V_rᵀ
+    if method not in ("gram", "subspace", "auto"):
+        raise ValueError(f"unknown top_factors method {method!r}; use 'auto', 'subspace', 'gram' or 'svd'")
+    tall, wide = _tall(tau)  # (max, k): every Gram product is on the smaller side
+    basis = None
+    if method != "gram" and r > 0:
+        if s is None:
+            raise ValueError(f"top_factors method {method!r} needs every singular value (s)")
+        plan = _subspace_plan(s, r, tall.shape[0])
+        if plan is None and method == "subspace":
+            plan = (min(2 * r + 8, tall.shape[1]), _SUBSPACE_MAX_ITER)
+        if plan is not None and plan[0] < tall.shape[1]:
+            basis = _subspace_basis(tall, s, r, *plan)
+    if basis is None:
+        basis = _gram_basis(tall, r)  # (k, r)
+    return _as_factors(tall, basis, wide)
 
 
 def lowrank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

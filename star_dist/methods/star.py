@@ -48,9 +48,9 @@ class Star(StreamingMethod):
         "https://aclanthology.org/2025.naacl-short.42/ (arXiv:2502.10339)"
     )
 
-    def __init__(self, params: StarParams | None = None, top_method: TopMethod = "gram") -> None:
-        # top_method picks how the top-r vectors of a dense τ are computed (spectral.py); both
-        # are exact, "gram" was the faster in scripts/bench/star_svd.py.
+    def __init__(self, params: StarParams | None = None, top_method: TopMethod = "auto") -> None:
+        # How the top-r vectors of a dense τ are computed (spectral.top_factors); "auto" takes a
+        # certified float64 block iteration when the spectrum makes it cheap, else Gram + eigh.
         self.params = params if params is not None else StarParams()
         self.top_method: TopMethod = top_method
 
@@ -74,7 +74,7 @@ class Star(StreamingMethod):
         r = kept_rank(s, self.params.eta)
         if r == 0:
             return _zero(tau.shape, tau.device), _stats(0, 0.0, 0.0)
-        left, right = top_factors(tau, r, self.top_method)  # (m, r), (r, n) float64
+        left, right = top_factors(tau, r, self.top_method, s)  # (m, r), (r, n) float64
         scale, before, after = _rescale(s, r)
         # left @ right is the rank-r truncation; c on either factor scales the product.
         return LowRank(left.mul_(scale).float(), right.float()), _stats(r, before, after)

@@ -19,3 +19,15 @@ def golden() -> dict[str, torch.Tensor]:
     if not GOLDEN.is_file():
         pytest.fail(f"golden STAR cases not found at {GOLDEN}; set STAR_DIST_GOLDEN to the file")
     return load_file(str(GOLDEN))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one BLAS thread is faster and immune to oversubscription on a busy box.
+
+    Restored after each test, so nothing leaks into the rest of the suite.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

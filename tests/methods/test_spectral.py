@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from star_dist.errors import MergeError
-from star_dist.methods.spectral import kept_rank, lowrank_svd, singular_values, top_factors
+from star_dist.methods.spectral import (
+    _subspace_basis,
+    _subspace_plan,
+    kept_rank,
+    lowrank_svd,
+    singular_values,
+    top_factors,
+)
 
 
 def exact_truncation(tau: torch.Tensor, r: int) -> torch.Tensor:
@@ -139,3 +146,61 @@ def test_lowrank_svd_zero_factor() -> None:
     u, s, vh = lowrank_svd(torch.zeros(40, 8), torch.randn(8, 30))
     assert torch.equal(s, torch.zeros(8, dtype=torch.float64))
     assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+
+
+# -- the planned, certified block iteration ("subspace") and "auto" -------------------------
+
+
+def power_law(k: int, gap_at: int | None = None) -> list[float]:
+    """σ_i = i^-1 (a decaying task-vector-like spectrum), optionally divided by 100 past gap_at."""
+    return [(i + 1) ** -1.0 / (100.0 if gap_at is not None and i >= gap_at else 1.0) for i in range(k)]
+
+
+@pytest.mark.parametrize(("m", "n"), [(300, 200), (200, 300)])
+@pytest.mark.parametrize(("gap_at", "r"), [(None, 8), (20, 12), (20, 20)])  # 20: gap at r
+def test_subspace_is_certified_and_exact(m: int, n: int, gap_at: int | None, r: int) -> None:
+    k = min(m, n)
+    tau = spectrum_matrix(m, n, power_law(k, gap_at), seed=m + r)
+    s = singular_values(tau)
+    tall = tau.T if m < n else tau
+    # Without a gap the planner prefers eigh at this small size; "subspace" then runs the
+    # iteration with a block of 2r + 8 and up to 40 steps, as tested here.
+    plan = _subspace_plan(s, r, tall.shape[0]) or (2 * r + 8, 40)
+    assert _subspace_basis(tall, s, r, *plan) is not None  # the iteration certified
+    left, right = top_factors(tau, r, "subspace", s)
+    expected = exact_truncation(tau, r)
+    assert (left @ right - expected).abs().max() <= 1e-9 * expected.abs().max()
+    again = top_factors(tau, r, "subspace", s)
+    assert torch.equal(left, again[0]) and torch.equal(right, again[1])  # fixed seed
+
+
+def test_subspace_falls_back_when_the_gap_cannot_be_certified() -> None:
+    # σ_2 − σ_3 = 1e-7·σ_1 is below the float32 values' error allowance: no certificate.
+    values = [1.0, 0.5, 0.5 - 1e-7] + [0.01 * 0.9**i for i in range(60)]
+    tau = spectrum_matrix(120, 63, values, seed=2)
+    s = singular_values(tau)
+    assert _subspace_basis(tau, s, 2, 40, 3) is None
+    forced = top_factors(tau, 2, "subspace", s)
+    gram = top_factors(tau, 2, "gram")
+    assert torch.equal(forced[0], gram[0]) and torch.equal(forced[1], gram[1])
+
+
+def test_planner_uses_a_gap_in_the_spectrum() -> None:
+    # A drop of 100× after σ_20: a block just past it converges in very few steps.
+    s = torch.tensor(power_law(200, gap_at=20), dtype=torch.float32)
+    b, q = _subspace_plan(s, 12, 300)
+    assert b >= 20 and q <= 8
+
+
+def test_auto_takes_gram_for_a_flat_spectrum() -> None:
+    tau = torch.randn(160, 120, generator=torch.Generator().manual_seed(4))
+    s = singular_values(tau)
+    r = kept_rank(s, 40)
+    assert _subspace_plan(s, r, 160) is None
+    auto, gram = top_factors(tau, r, "auto", s), top_factors(tau, r, "gram")
+    assert torch.equal(auto[0], gram[0]) and torch.equal(auto[1], gram[1])
+
+
+def test_subspace_needs_the_spectrum() -> None:
+    with pytest.raises(ValueError, match="needs every singular value"):
+        top_factors(torch.ones(4, 3), 1, "auto")

@@ -50,7 +50,7 @@ def test_weights_default_to_the_mean() -> None:
 # -- transform -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("top_method", ["gram", "svd"])
+@pytest.mark.parametrize("top_method", ["auto", "subspace", "gram", "svd"])
 @pytest.mark.parametrize(("m", "n"), [(64, 48), (48, 64)])
 def test_transform_stats_and_result(top_method: str, m: int, n: int) -> None:
     tau = rand(m, n, seed=m)
@@ -81,7 +81,7 @@ def test_non_matrices_pass_through(shape: tuple[int, ...]) -> None:
     assert update is tau and stats == {}
 
 
-@pytest.mark.parametrize("top_method", ["gram", "svd"])
+@pytest.mark.parametrize("top_method", ["auto", "subspace", "gram", "svd"])
 def test_zero_task_vector_gives_zero(top_method: str) -> None:
     update, stats = Star(top_method=top_method).transform(torch.zeros(12, 7))
     assert stats["kept_rank"] == 0 and stats["nuclear_norm_before"] == 0.0

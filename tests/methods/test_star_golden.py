@@ -24,7 +24,7 @@ def engine_merge(star: Star, base: torch.Tensor, fts: list[torch.Tensor]) -> tup
     return base + acc, ranks
 
 
-@pytest.mark.parametrize("top_method", ["gram", "svd"])
+@pytest.mark.parametrize("top_method", ["auto", "subspace", "gram", "svd"])
 @pytest.mark.parametrize("eta", ETAS)
 @pytest.mark.parametrize("case", CASES)
 def test_golden_case(golden, case: str, eta: int, top_method: str) -> None:

@@ -1,0 +1,223 @@
+"""Time star_dist's STAR transform against the naive full-SVD STAR (the authors' algorithm).
+
+    nice -n 10 .venv/bin/python scripts/bench/star_svd.py [--repeats 3] [--skip-4096sq]
+
+For each float32 matrix (flat full-rank Gaussian, rank-64 plus 1e-3 noise, and a σ_i ∝ 1/i
+power law) at η = 40 it times:
+  naive        torch.linalg.svd(full_matrices=False), the reference rank rule on its σ,
+               U_r diag(σ') V_rᵀ formed densely (as github.com/IBM/STAR does);
+  star_auto    Star(): values-only SVD, then the certified block iteration or Gram + eigh,
+               whichever its planner picks (the route is recorded);
+  star_gram    Star(top_method="gram"), where "auto" picked the iteration;
+each followed by what the engine does with the result (acc += update), and reports the median
+of the runs, the speedup over naive, and the max difference of the results relative to
+max|naive|. Then naive vs dense vs factorized STAR on a 4096×4096 rank-16 LoRA update (B @ A).
+Writes scripts/bench/results/star_svd.json. Timings on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from star_dist.methods import LowRank, Star, StarParams  # noqa: E402
+from star_dist.methods.spectral import _subspace_plan, kept_rank, singular_values  # noqa: E402
+
+ETA = 40.0
+
+
+def naive_star(tau: torch.Tensor, eta: float) -> torch.Tensor:
+    """The authors' STAR: full thin SVD, searchsorted rank, rescale, dense reconstruction."""
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)  # (m, k), (k,), (k, n)
+    total = s.sum()
+    r = int(torch.searchsorted(torch.cumsum(s, 0), (total * eta / 100).reshape(1))) + 1
+    r = min(r, s.numel())
+    kept = s[:r] * (total / s[:r].sum())  # (r,)
+    return (u[:, :r] * kept) @ vh[:r]  # (m, n)
+
+
+def accumulate(acc: torch.Tensor, update: torch.Tensor | LowRank) -> None:
+    """The engine's acc += w · f(τ), w = 1."""
+    if isinstance(update, LowRank):
+        acc.addmm_(update.left, update.right)  # (m, r) @ (r, n)
+    else:
+        acc.add_(update)
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float], torch.Tensor]:
+    """Median wall time of `repeats` runs of fn() -> result (the last result is returned)."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, result
+
+
+def make(kind: str, m: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """float32 (m, n) test matrices: a flat spectrum, a low-rank signal, a decaying spectrum."""
+    if kind == "full_rank":
+        return torch.randn(m, n, generator=gen) / n**0.5  # (m, n) Marchenko–Pastur: flat
+    if kind == "lowrank_plus_noise":
+        rank = 64
+        left = torch.randn(m, rank, generator=gen)  # (m, 64)
+        right = torch.randn(rank, n, generator=gen) / n**0.5  # (64, n)
+        return left @ right / rank**0.5 + 1e-3 * torch.randn(m, n, generator=gen)  # (m, n)
+    k = min(m, n)  # "power_law": σ_i roughly ∝ 1/i, like a fine-tuning update's heavy tail
+    decay = torch.arange(1, k + 1, dtype=torch.float32) ** -1.0  # (k,)
+    left = torch.randn(m, k, generator=gen) / m**0.5  # (m, k) nearly orthonormal columns
+    right = torch.randn(k, n, generator=gen) / n**0.5  # (k, n)
+    return (left * decay) @ right  # (m, n)
+
+
+def route(tau: torch.Tensor) -> str:
+    """Which exact route "auto" takes for τ at η = 40 (as Star decides it)."""
+    s = singular_values(tau)
+    r = kept_rank(s, ETA)
+    plan = _subspace_plan(s, r, max(tau.shape))
+    return "gram" if plan is None else f"subspace(b={plan[0]}, steps={plan[1]})"
+
+
+def bench_dense(shapes, repeats: int, gen: torch.Generator) -> list[dict]:
+    rows = []
+    for m, n in shapes:
+        for kind in ("full_rank", "lowrank_plus_noise", "power_law"):
+            tau = make(kind, m, n, gen)
+            reps = repeats if m * n <= 4096 * 1024 else max(1, repeats - 1)
+            row: dict = {"shape": [m, n], "kind": kind, "eta": ETA, "repeats": reps, "auto_route": route(tau)}
+
+            def run_naive(tau=tau):
+                acc = torch.zeros_like(tau)
+                accumulate(acc, naive_star(tau, ETA))
+                return acc
+
+            t_naive, all_naive, ref = timed(run_naive, reps)
+            row["naive_s"], row["naive_runs_s"] = t_naive, all_naive
+            methods = ["auto"] if row["auto_route"] == "gram" else ["auto", "gram"]
+            for method in methods:
+                star = Star(StarParams(ETA), top_method=method)
+                stats_box: dict = {}
+
+                def run(star=star, tau=tau, box=stats_box):
+                    acc = torch.zeros_like(tau)
+                    update, stats = star.transform(tau)
+                    box.update(stats)
+                    accumulate(acc, update)
+                    return acc
+
+                t, all_runs, out = timed(run, reps)
+                row[f"star_{method}_s"] = t
+                row[f"star_{method}_runs_s"] = all_runs
+                row[f"star_{method}_speedup"] = t_naive / t
+                diff = (out - ref).abs().max() / ref.abs().max()
+                row[f"star_{method}_max_rel_diff_vs_naive"] = float(diff)
+                row["kept_rank"] = stats_box["kept_rank"]
+            print(
+                f"{m}x{n} {kind:18s} r={row['kept_rank']:5d} naive {t_naive:7.2f}s  "
+                f"star {row['star_auto_s']:7.2f}s (x{row['star_auto_speedup']:.2f}, {row['auto_route']})",
+                flush=True,
+            )
+            rows.append(row)
+            del tau, ref
+    return rows
+
+
+def bench_lora(repeats: int, gen: torch.Generator) -> dict:
+    m = n = 4096
+    rank = 16
+    b = torch.randn(m, rank, generator=gen) * 0.02  # (m, 16) s·B
+    a = torch.randn(rank, n, generator=gen) * 0.02  # (16, n) A
+    star = Star(StarParams(ETA))
+
+    def run_naive():
+        acc = torch.zeros(m, n)
+        accumulate(acc, naive_star(b @ a, ETA))  # the task vector formed, then the full SVD
+        return acc
+
+    def run_dense():
+        acc = torch.zeros(m, n)
+        update, stats = star.transform(b @ a)  # (m, n) formed, as a dense input would be
+        accumulate(acc, update)
+        return acc, stats
+
+    def run_factored():
+        acc = torch.zeros(m, n)
+        update, stats = star.transform(LowRank(b, a))
+        accumulate(acc, update)
+        return acc, stats
+
+    t_naive, naive_runs, out_naive = timed(run_naive, repeats)
+    t_dense, dense_runs, (out_dense, st_dense) = timed(run_dense, repeats)
+    t_fact, fact_runs, (out_fact, st_fact) = timed(run_factored, max(repeats, 5))
+    scale = out_dense.abs().max()
+    row = {
+        "shape": [m, n],
+        "lora_rank": rank,
+        "eta": ETA,
+        "naive_dense_s": t_naive,
+        "naive_dense_runs_s": naive_runs,
+        "star_dense_s": t_dense,
+        "star_dense_runs_s": dense_runs,
+        "star_factorized_s": t_fact,
+        "star_factorized_runs_s": fact_runs,
+        "speedup_factorized_vs_star_dense": t_dense / t_fact,
+        "speedup_factorized_vs_naive": t_naive / t_fact,
+        "kept_rank_dense": st_dense["kept_rank"],
+        "kept_rank_factorized": st_fact["kept_rank"],
+        "max_rel_diff_factorized_vs_dense": float((out_dense - out_fact).abs().max() / scale),
+        "max_rel_diff_factorized_vs_naive": float((out_naive - out_fact).abs().max() / scale),
+    }
+    print(
+        f"LoRA 4096x4096 r16: naive {t_naive:.2f}s, star dense {t_dense:.2f}s, factorized "
+        f"{t_fact:.4f}s (x{row['speedup_factorized_vs_naive']:.0f} vs naive), "
+        f"ranks {row['kept_rank_dense']}/{row['kept_rank_factorized']}",
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (1: stable timings on a shared machine)")
+    parser.add_argument("--skip-4096sq", action="store_true", help="leave out 4096×4096")
+    parser.add_argument("--out", default=str(ROOT / "scripts/bench/results/star_svd.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)  # a benchmark setting; the library sets nothing global
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1024, 1024), (4096, 1024), (1024, 4096)]
+    if not args.skip_4096sq:
+        shapes.append((4096, 4096))
+    dense = bench_dense(shapes, args.repeats, gen)
+    lora = bench_lora(max(1, args.repeats - 1), gen)
+    report = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_average_at_end": os.getloadavg(),
+        "note": (
+            "shared 2-core machine, other jobs running; medians of the runs; speedup = naive / star; "
+            "star = Star() with its default top_method 'auto'"
+        ),
+        "dense": dense,
+        "lora_4096_rank16": lora,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

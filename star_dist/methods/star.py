@@ -63,7 +63,13 @@ class Star(StreamingMethod):
         return [1.0 / n if w is None else float(w) for w in given]
 
     def transform(self, tau: TaskVector) -> tuple[TaskVector, dict[str, Any]]:
-        """τ' = c · U_r diag(σ_r) V_rᵀ as a `LowRank` for a 2-D τ; other tensors unchanged."""
+        """τ' = U_r diag(σ') V_rᵀ, σ' = c·σ_r, as a float32 `LowRank` for a 2-D τ; else τ unchanged.
+
+        For a dense τ the factors come from `spectral.top_factors`: left = U_r diag(σ') and
+        right = V_rᵀ, except on the Gram routes for a wide τ (m < n), where left = c·U_r and
+        right = diag(σ_r) V_rᵀ; only the product is the contract. Stats: kept_rank,
+        nuclear_norm_before (Σσ) and nuclear_norm_after (Σσ'), plain floats.
+        """
         if isinstance(tau, LowRank):
             return self._transform_lowrank(tau)
         if tau.dim() != 2:
@@ -77,7 +83,8 @@ class Star(StreamingMethod):
         left, right = top_factors(tau, r, self.top_method, s)  # (m, r), (r, n) float64
         scale, before, after = _rescale(s, r)
         # left @ right is the rank-r truncation; c on either factor scales the product.
-        return LowRank(left.mul_(scale).float(), right.float()), _stats(r, before, after)
+        update = LowRank(left.mul_(scale).float().contiguous(), right.float().contiguous())
+        return update, _stats(r, before, after)
 
     def _transform_lowrank(self, tau: LowRank) -> tuple[TaskVector, dict[str, Any]]:
         """The same STAR for left @ right from its exact thin SVD, never forming the m×n matrix."""

@@ -25,7 +25,7 @@ SVD of left @ right from two QRs and an r×r SVD, never forming the m×n matrix.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -124,8 +124,9 @@ def _subspace_plan(s: torch.Tensor, r: int, n_rows: int) -> tuple[int, int] | No
     ρ = (σ_{b+1}/σ_r)²; a random start is off by about √k, so q = log(tol/√k)/log ρ. Every
     b from r + 4 to min(k/2, 2r + 128) is tried (a gap in the spectrum just above r makes a
     small block converge at once). A step is two GEMMs and a QR, 4·n_rows·k·b + 4·k·b² flops,
-    against 2·n_rows·k² + 12·k³ for Gram + eigh (float64 eigh with vectors, measured here at
-    about the same flop rate as the GEMMs).
+    but narrow GEMMs are bound by reading the float64 matrix twice (16·n_rows·k bytes), which
+    costs about as much as 16 more columns; against 2·n_rows·k² + 12·k³ for Gram + eigh
+    (float64 eigh with vectors, measured here at about the GEMMs' flop rate).
     """
     k = s.numel()
     s64 = s.to(torch.float64)
@@ -140,7 +141,7 @@ def _subspace_plan(s: torch.Tensor, r: int, n_rows: int) -> tuple[int, int] | No
             torch.ceil(math.log(_SUBSPACE_TOL / math.sqrt(k)) / torch.log(rho.clamp(max=1 - 1e-12))) + 1,
             torch.ones_like(rho),
         )
-    cost = (steps + 1) * (4.0 * n_rows * k * blocks + 4.0 * k * blocks**2)  # (nb,) + the check
+    cost = (steps + 1) * (4.0 * n_rows * k * (blocks + 16) + 4.0 * k * blocks**2)  # (nb,) + the check
     cost[steps > _SUBSPACE_MAX_ITER] = math.inf
     best = int(torch.argmin(cost))
     if not math.isfinite(float(cost[best])) or float(cost[best]) > 2.0 * n_rows * k * k + 12.0 * k**3:
@@ -182,7 +183,11 @@ def _subspace_basis(tall: torch.Tensor, s: torch.Tensor, r: int, b: int, q: int)
 
 
 def top_factors(
-    tau: torch.Tensor, r: int, method: TopMethod = "auto", s: torch.Tensor | None = None
+    tau: torch.Tensor,
+    r: int,
+    method: TopMethod = "auto",
+    s: torch.Tensor | None = None,
+    info: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r truncation of a 2-D τ as float64 factors (left (m, r), right (r, n)).
 
@@ -198,16 +203,19 @@ def top_factors(
       ``"gram"``.
 
     For the Gram-based methods the work is on τᵀ when τ is wide (m < n); then left = U_r and
-    right = diag(σ_r) V_rᵀ; otherwise left = U_r diag(σ_r) and right = V_rᵀ.
+    right = diag(σ_r) V_rᵀ; otherwise left = U_r diag(σ_r) and right = V_rᵀ. If `info` is
+    given, the route taken is written to info["route"] (for benchmarks and tests).
     """
     if method == "svd":
+        if info is not None:
+            info["route"] = "svd"
         u, sv, vh = torch.linalg.svd(tau.to(torch.float32), full_matrices=False)
         left = (u[:, :r] * sv[:r]).to(torch.float64)  # (m, r) U_r diag(σ_r)
         return left, vh[:r].to(torch.float64)  # (r, n) V_rᵀ
     if method not in ("gram", "subspace", "auto"):
         raise ValueError(f"unknown top_factors method {method!r}; use 'auto', 'subspace', 'gram' or 'svd'")
     tall, wide = _tall_f64(tau)  # (max, k) float64: every Gram product is on the smaller side
-    basis = None
+    basis, route = None, "gram"
     if method != "gram" and r > 0:
         if s is None:
             raise ValueError(f"top_factors method {method!r} needs every singular value (s)")
@@ -216,8 +224,11 @@ def top_factors(
             plan = (min(2 * r + 8, tall.shape[1]), _SUBSPACE_MAX_ITER)
         if plan is not None and plan[0] < tall.shape[1]:
             basis = _subspace_basis(tall, s, r, *plan)
+            route = f"subspace(b={plan[0]}, steps={plan[1]})" + ("" if basis is not None else " -> gram")
     if basis is None:
         basis = _gram_basis(tall, r)  # (k, r)
+    if info is not None:
+        info["route"] = route
     return _as_factors(tall, basis, wide)
 
 

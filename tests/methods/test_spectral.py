@@ -205,3 +205,13 @@ def test_auto_takes_gram_for_a_flat_spectrum() -> None:
 def test_subspace_needs_the_spectrum() -> None:
     with pytest.raises(ValueError, match="needs every singular value"):
         top_factors(torch.ones(4, 3), 1, "auto")
+
+
+def test_route_is_reported() -> None:
+    tau = spectrum_matrix(300, 200, power_law(200, gap_at=20), seed=8)
+    s = singular_values(tau)
+    info: dict = {}
+    top_factors(tau, 12, "auto", s, info)
+    assert info["route"].startswith("subspace(") and not info["route"].endswith("gram")
+    top_factors(tau, 12, "gram", s, info)
+    assert info["route"] == "gram"

@@ -1,0 +1,81 @@
+"""The merge methods under test and one call of star_dist's public API per merge.
+
+Every merged model in the report is made by `star_dist.merge`, from full fine-tuned folders
+or from PEFT LoRA adapter folders as they were saved (star_dist computes τ = s·B·A itself).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import star_dist
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method as reported: fixed parameters plus a grid tuned on validation data."""
+
+    label: str
+    merge_method: str
+    params: dict[str, float] = field(default_factory=dict)
+    grid: tuple[dict[str, float], ...] = ()
+
+    def candidates(self) -> list[dict[str, float]]:
+        """Parameter sets to try (one when nothing is tuned)."""
+        return [{**self.params, **g} for g in self.grid] or [dict(self.params)]
+
+
+def _grid(**axes: tuple[float, ...]) -> tuple[dict[str, float], ...]:
+    names = list(axes)
+    return tuple(dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values()))
+
+
+# Task arithmetic sums task vectors (weights 1), so λ is the scale of the sum; TIES' disjoint
+# mean is already an average, so its λ sits near 1. STAR and average tune nothing (as in the
+# STAR paper: plain 1/N mean of the truncated task vectors).
+TA_LAMBDAS = (0.3, 0.5, 1.0)
+TIES_DENSITIES = (0.2, 0.5)
+TIES_LAMBDAS = (0.8, 1.2)
+STAR_ETAS = (20, 40, 60, 80)
+
+
+def methods(ta_lambdas: tuple[float, ...] = TA_LAMBDAS,
+            ties_densities: tuple[float, ...] = TIES_DENSITIES,
+            ties_lambdas: tuple[float, ...] = TIES_LAMBDAS,
+            star_etas: tuple[int, ...] = STAR_ETAS) -> list[Method]:
+    """Every merged method in the table, in report order."""
+    return [
+        Method("average", "average"),
+        Method("task arithmetic", "task_arithmetic", grid=_grid(**{"lambda": ta_lambdas})),
+        Method("TIES", "ties", grid=_grid(density=ties_densities, **{"lambda": ties_lambdas})),
+        *[Method(f"STAR η={eta}", "star", {"eta": eta}) for eta in star_etas],
+    ]
+
+
+def merge_config(method: Method, params: dict[str, float], base_dir: Path,
+                 inputs: list[Path]) -> dict[str, Any]:
+    """The mergekit-like config dict star_dist takes (same keys as its YAML files)."""
+    return {
+        "merge_method": method.merge_method,
+        "base_model": str(base_dir),
+        "models": [{"model": str(p)} for p in inputs],
+        "parameters": dict(params),
+        "dtype": "float32",
+    }
+
+
+def run_merge(method: Method, params: dict[str, float], base_dir: Path, inputs: list[Path],
+              out_dir: Path) -> Path:
+    """Merge through star_dist's public API into ``out_dir`` (an HF folder) and return it."""
+    star_dist.merge(merge_config(method, params, base_dir, inputs), out_dir,
+                    overwrite=True, quiet=True, runtime="local")
+    return out_dir
+
+
+def discard(folder: Path) -> None:
+    """Merged folders are scored once then deleted: ~90 MB each, hundreds per run."""
+    shutil.rmtree(folder, ignore_errors=True)

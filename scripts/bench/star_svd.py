@@ -10,7 +10,8 @@ power law) at η = 40 it times:
                whichever its planner picks (the route is recorded);
   star_gram    Star(top_method="gram"), where "auto" picked the iteration;
 each followed by what the engine does with the result (acc += update), and reports the median
-of the runs, the speedup over naive, and the max difference of the results relative to
+of the runs (contenders interleaved round by round), the median per-round speedup over naive,
+and the max difference of the results relative to
 max|naive|. Then naive vs dense vs factorized STAR on a 4096×4096 rank-16 LoRA update (B @ A).
 Writes scripts/bench/results/star_svd.json. Timings on a shared 2-core machine are noisy.
 """
@@ -55,14 +56,27 @@ def accumulate(acc: torch.Tensor, update: torch.Tensor | LowRank) -> None:
         acc.add_(update)
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float], torch.Tensor]:
-    """Median wall time of `repeats` runs of fn() -> result (the last result is returned)."""
-    times, result = [], None
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Run every contender once per round, `repeats` rounds, so load from other jobs on a shared
+    machine hits them alike. Returns the wall times per contender and each one's last result."""
+    times: dict = {name: [] for name in fns}
+    results: dict = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return times, results
+
+
+def summarize(row: dict, times: dict, baseline: str) -> None:
+    """Median seconds per contender, and its speedup: median over rounds of baseline / it."""
+    for name, runs in times.items():
+        row[f"{name}_s"] = statistics.median(runs)
+        row[f"{name}_runs_s"] = runs
+        if name != baseline:
+            ratios = [t0 / t for t0, t in zip(times[baseline], runs, strict=True)]
+            row[f"{name}_speedup"] = statistics.median(ratios)
 
 
 def make(kind: str, m: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -89,6 +103,20 @@ def route(tau: torch.Tensor) -> str:
     return info["route"]
 
 
+def star_run(method: str, tau: torch.Tensor, box: dict):
+    """One engine step with Star(top_method=method): transform, then acc += update."""
+    star = Star(StarParams(ETA), top_method=method)
+
+    def run():
+        acc = torch.zeros_like(tau)
+        update, stats = star.transform(tau)
+        box.update(stats)
+        accumulate(acc, update)
+        return acc
+
+    return run
+
+
 def bench_dense(shapes, repeats: int, gen: torch.Generator) -> list[dict]:
     rows = []
     for m, n in shapes:
@@ -96,45 +124,36 @@ def bench_dense(shapes, repeats: int, gen: torch.Generator) -> list[dict]:
             tau = make(kind, m, n, gen)
             reps = repeats if m * n <= 4096 * 1024 else max(1, repeats - 1)
             row: dict = {"shape": [m, n], "kind": kind, "eta": ETA, "repeats": reps, "auto_route": route(tau)}
+            stats: dict = {}
 
             def run_naive(tau=tau):
                 acc = torch.zeros_like(tau)
                 accumulate(acc, naive_star(tau, ETA))
                 return acc
 
-            t_naive, all_naive, ref = timed(run_naive, reps)
-            row["naive_s"], row["naive_runs_s"] = t_naive, all_naive
-            methods = ["auto"] if row["auto_route"].endswith("gram") else ["auto", "gram"]
-            for method in methods:
-                star = Star(StarParams(ETA), top_method=method)
-                stats_box: dict = {}
-
-                def run(star=star, tau=tau, box=stats_box):
-                    acc = torch.zeros_like(tau)
-                    update, stats = star.transform(tau)
-                    box.update(stats)
-                    accumulate(acc, update)
-                    return acc
-
-                t, all_runs, out = timed(run, reps)
-                row[f"star_{method}_s"] = t
-                row[f"star_{method}_runs_s"] = all_runs
-                row[f"star_{method}_speedup"] = t_naive / t
-                diff = (out - ref).abs().max() / ref.abs().max()
-                row[f"star_{method}_max_rel_diff_vs_naive"] = float(diff)
-                row["kept_rank"] = stats_box["kept_rank"]
+            fns = {"naive": run_naive, "star_auto": star_run("auto", tau, stats)}
+            if not row["auto_route"].endswith("gram"):  # else "auto" is the Gram route already
+                fns["star_gram"] = star_run("gram", tau, {})
+            times, results = interleaved(fns, reps)
+            summarize(row, times, "naive")
+            ref = results["naive"]
+            for name in fns:
+                if name != "naive":
+                    diff = (results[name] - ref).abs().max() / ref.abs().max()
+                    row[f"{name}_max_rel_diff_vs_naive"] = float(diff)
+            row["kept_rank"] = stats["kept_rank"]
             print(
-                f"{m}x{n} {kind:18s} r={row['kept_rank']:5d} naive {t_naive:7.2f}s  "
+                f"{m}x{n} {kind:18s} r={row['kept_rank']:5d} naive {row['naive_s']:7.2f}s  "
                 f"star {row['star_auto_s']:7.2f}s (x{row['star_auto_speedup']:.2f}, {row['auto_route']})",
                 flush=True,
             )
             rows.append(row)
-            del tau, ref
+            del tau, ref, results
     return rows
 
 
-def bench_lora(repeats: int, gen: torch.Generator) -> dict:
-    m = n = 4096
+def bench_lora(repeats: int, gen: torch.Generator, size: int = 4096) -> dict:
+    m = n = size
     rank = 16
     b = torch.randn(m, rank, generator=gen) * 0.02  # (m, 16) s·B
     a = torch.randn(rank, n, generator=gen) * 0.02  # (16, n) A
@@ -157,30 +176,27 @@ def bench_lora(repeats: int, gen: torch.Generator) -> dict:
         accumulate(acc, update)
         return acc, stats
 
-    t_naive, naive_runs, out_naive = timed(run_naive, repeats)
-    t_dense, dense_runs, (out_dense, st_dense) = timed(run_dense, repeats)
-    t_fact, fact_runs, (out_fact, st_fact) = timed(run_factored, max(repeats, 5))
+    times, results = interleaved(
+        {"naive_dense": run_naive, "star_dense": run_dense, "star_factorized": run_factored}, repeats
+    )
+    out_naive, (out_dense, st_dense), (out_fact, st_fact) = results.values()
     scale = out_dense.abs().max()
-    row = {
-        "shape": [m, n],
-        "lora_rank": rank,
-        "eta": ETA,
-        "naive_dense_s": t_naive,
-        "naive_dense_runs_s": naive_runs,
-        "star_dense_s": t_dense,
-        "star_dense_runs_s": dense_runs,
-        "star_factorized_s": t_fact,
-        "star_factorized_runs_s": fact_runs,
-        "speedup_factorized_vs_star_dense": t_dense / t_fact,
-        "speedup_factorized_vs_naive": t_naive / t_fact,
-        "kept_rank_dense": st_dense["kept_rank"],
-        "kept_rank_factorized": st_fact["kept_rank"],
-        "max_rel_diff_factorized_vs_dense": float((out_dense - out_fact).abs().max() / scale),
-        "max_rel_diff_factorized_vs_naive": float((out_naive - out_fact).abs().max() / scale),
-    }
+    row = {"shape": [m, n], "lora_rank": rank, "eta": ETA, "repeats": repeats}
+    summarize(row, times, "naive_dense")
+    row["speedup_factorized_vs_star_dense"] = statistics.median(
+        [a / b for a, b in zip(times["star_dense"], times["star_factorized"], strict=True)]
+    )
+    row.update(
+        {
+            "kept_rank_dense": st_dense["kept_rank"],
+            "kept_rank_factorized": st_fact["kept_rank"],
+            "max_rel_diff_factorized_vs_dense": float((out_dense - out_fact).abs().max() / scale),
+            "max_rel_diff_factorized_vs_naive": float((out_naive - out_fact).abs().max() / scale),
+        }
+    )
     print(
-        f"LoRA 4096x4096 r16: naive {t_naive:.2f}s, star dense {t_dense:.2f}s, factorized "
-        f"{t_fact:.4f}s (x{row['speedup_factorized_vs_naive']:.0f} vs naive), "
+        f"LoRA {m}x{n} r16: naive {row['naive_dense_s']:.2f}s, star dense {row['star_dense_s']:.2f}s, "
+        f"factorized {row['star_factorized_s']:.4f}s (x{row['star_factorized_speedup']:.0f} vs naive), "
         f"ranks {row['kept_rank_dense']}/{row['kept_rank_factorized']}",
         flush=True,
     )

@@ -1,7 +1,9 @@
 """The evaluation recipe: fine-tune every task, merge every subset with every method, score.
 
-Results are cached in ``work/runs/<preset>/scores.json`` (and checkpoints next to it), so an
-interrupted run resumes where it stopped; ``run.py --fresh`` deletes the cache first.
+One `Experiment` per fine-tuning regime (full, LoRA): `run.py` runs the two in parallel
+processes. Results are cached in ``work/runs/<preset>/scores_<regime>.json`` (checkpoints
+next to it), so an interrupted run resumes where it stopped; ``run.py --fresh`` deletes the
+cache first.
 """
 
 from __future__ import annotations
@@ -80,12 +82,12 @@ def log(msg: str) -> None:
 class Experiment:
     """One preset's run: setup, fine-tune, score the fine-tuned, merge and score, collect."""
 
-    def __init__(self, preset: Preset, work: Path) -> None:
-        self.preset = preset
+    def __init__(self, preset: Preset, work: Path, regime: str) -> None:
+        self.preset, self.regime = preset, regime
         self.work = work
         self.run_dir = work / "runs" / preset.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.scores = Scores(self.run_dir / "scores.json")
+        self.scores = Scores(self.run_dir / f"scores_{regime}.json")
         self.base_dir = data.base_model_dir()
         self.tokenizer = ev.load_tokenizer(self.base_dir)
         self.base = ev.load_encoder(self.base_dir)
@@ -162,7 +164,8 @@ class Experiment:
         names = self.subset(seed, k)
         inputs = [self.ft_dir(regime, t, seed) for t in names]
         tag = f"{self.ft_config(regime).tag()}|s{seed}|k{k}|{method.label}"
-        cand_dir, best_dir = self.run_dir / "merged_candidate", self.run_dir / "merged_best"
+        cand_dir = self.run_dir / f"merged_{regime}_candidate"
+        best_dir = self.run_dir / f"merged_{regime}_best"
         mr.discard(best_dir)
         best: tuple[float, dict[str, float]] | None = None
         candidates = method.candidates()
@@ -207,40 +210,30 @@ class Experiment:
     # ---- the whole recipe ----------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        p = self.preset
+        """Fine-tune, merge and score this experiment's regime; return its part of the results."""
+        p, regime = self.preset, self.regime
         names = list(p.tasks)
         pretrained = self.score("pretrained|test", self.base, names, "test")
-        self.score("pretrained|val", self.base, names, "val")
         rows: list[dict[str, Any]] = []
-        for regime in ("full", "lora"):
-            for seed in p.seeds:
-                for task in names:
-                    self.finetune(regime, task, seed)
-                for k in p.sweep:
-                    for method in p.methods():
-                        if k != len(names) and method.label not in p.sweep_methods:
-                            continue
-                        row = self.merge_and_score(method, regime, seed, k)
-                        rows.append(row)
-                        log(f"{regime} seed {seed} k={k} {method.label} {row['params']}: "
-                            f"normalized {row['normalized']:.3f}")
-                    # the pretrained model, normalized the same way, is the floor for this subset
-                    sub = self.subset(seed, k)
-                    accs = {t: pretrained[t] for t in sub}
-                    rows.append({"regime": regime, "seed": seed, "k": k, "method": "pretrained",
-                                 "tasks": sub, "params": {}, "val_normalized": float("nan"),
-                                 "test_acc": accs,
-                                 "normalized": self.normalized(accs, regime, seed, "test")})
-        finetuned = {
-            regime: {t: [self.ft_acc(regime, t, s, "test") for s in p.seeds] for t in names}
-            for regime in ("full", "lora")
-        }
-        timing = {
-            regime: [self.scores.get(f"ft|{self.ft_config(regime).tag()}|{t}|{s}|time")
-                     for t in names for s in p.seeds]
-            for regime in ("full", "lora")
-        }
-        merge_seconds = [v for k, v in self.scores.data.items() if k.endswith("|merge_seconds")]
+        for seed in p.seeds:
+            for task in names:
+                self.finetune(regime, task, seed)
+            for k in p.sweep:
+                for method in p.methods():
+                    if k != len(names) and method.label not in p.sweep_methods:
+                        continue
+                    row = self.merge_and_score(method, regime, seed, k)
+                    rows.append(row)
+                    log(f"{regime} seed {seed} k={k} {method.label} {row['params']}: "
+                        f"normalized {row['normalized']:.3f}")
+                # the pretrained model, normalized the same way, is the floor for this subset
+                sub = self.subset(seed, k)
+                accs = {t: pretrained[t] for t in sub}
+                rows.append({"regime": regime, "seed": seed, "k": k, "method": "pretrained",
+                             "tasks": sub, "params": {}, "val_normalized": float("nan"),
+                             "test_acc": accs,
+                             "normalized": self.normalized(accs, regime, seed, "test")})
+        tag = self.ft_config(regime).tag()
         return {
             "preset": {**asdict(p), "sizes": asdict(p.sizes)},
             "tasks": {n: {"classes": self.tasks[n].task.classes,
@@ -250,8 +243,22 @@ class Experiment:
                           "test": len(self.tasks[n].task.test),
                           "majority": self.tasks[n].task.majority_rate()} for n in names},
             "pretrained": pretrained,
-            "finetuned": finetuned,
-            "timing": timing,
-            "merge_seconds": merge_seconds,
+            "finetuned": {regime: {t: [self.ft_acc(regime, t, s, "test") for s in p.seeds]
+                                   for t in names}},
+            "timing": {regime: [self.scores.get(f"ft|{tag}|{t}|{s}|time")
+                                for t in names for s in p.seeds]},
+            "merge_seconds": [v for k, v in self.scores.data.items()
+                              if k.endswith("|merge_seconds")],
             "rows": rows,
         }
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from the per-regime parts (rows, fine-tuned scores, timings joined)."""
+    out = {**parts[0], "finetuned": {}, "timing": {}, "merge_seconds": [], "rows": []}
+    for part in parts:
+        out["finetuned"].update(part["finetuned"])
+        out["timing"].update(part["timing"])
+        out["merge_seconds"] += part["merge_seconds"]
+        out["rows"] += part["rows"]
+    return out

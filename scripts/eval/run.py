@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import report  # noqa: E402
-from experiment import Experiment, Preset, log  # noqa: E402
+from experiment import Experiment, Preset, combine, log  # noqa: E402
 from finetune import FinetuneConfig  # noqa: E402
-from tasks import ALL_TASKS, Sizes  # noqa: E402
+from tasks import ALL_TASKS, Sizes, build_tasks  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "work"
 
@@ -33,8 +37,8 @@ FULL = Preset(
     seeds=(0, 1, 2),
     sweep=(2, 4, len(ALL_TASKS)),
     sweep_methods=("average", "task arithmetic", "TIES", "STAR η=40"),
-    full=FinetuneConfig("full", steps=60, batch_size=8, lr=1e-4, max_len=24),
-    lora=FinetuneConfig("lora", steps=60, batch_size=8, lr=1e-3, max_len=24),
+    full=FinetuneConfig("full", steps=60, batch_size=16, lr=1e-4, max_len=24),
+    lora=FinetuneConfig("lora", steps=60, batch_size=16, lr=1e-3, max_len=24),
     max_len=24,
 )
 
@@ -55,6 +59,16 @@ SMOKE = Preset(
 )
 
 
+PRESETS = {"full": FULL, "smoke": SMOKE}
+REGIMES = ("full", "lora")
+
+
+def run_regime(preset: str, work: Path, regime: str, threads: int) -> dict[str, Any]:
+    """One regime's experiment (in a worker process when running in parallel)."""
+    torch.set_num_threads(threads)
+    return Experiment(PRESETS[preset], work, regime).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs"),
@@ -64,15 +78,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache for data, checkpoints and scores (gitignored)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete this preset's cached checkpoints and scores first")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
+                        help="2: full FT and LoRA in two processes at once; 1: one after the other")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (1 is fastest on a busy machine: "
+                             "OpenMP threads spin when cores are oversubscribed)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     preset = SMOKE if args.smoke else FULL
     if args.fresh:
         shutil.rmtree(args.work / "runs" / preset.name, ignore_errors=True)
     start = time.perf_counter()
-    results = Experiment(preset, args.work).run()
+    data.base_model_dir()
+    build_tasks(list(preset.tasks), args.work, preset.sizes)  # fetch + cache before forking
+    jobs = [(preset.name, args.work, regime, args.threads) for regime in REGIMES]
+    if args.jobs == 1:
+        parts = [run_regime(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(run_regime, *zip(*jobs, strict=True)))
+    results = combine(parts)
     results["wall_seconds"] = time.perf_counter() - start
     command = "python scripts/eval/run.py" + (" --smoke" if args.smoke else "") + f" --out {args.out}"
     path = report.write(results, args.out, command)

@@ -203,15 +203,48 @@ def bench_lora(repeats: int, gen: torch.Generator, size: int = 4096) -> dict:
     return row
 
 
+def bench_accuracy(gen: torch.Generator) -> list[dict]:
+    """Distance of naive (float32 SVD) and of Star() to STAR computed in float64 with the same r."""
+    rows = []
+    for m, n in [(1024, 1024), (4096, 1024), (1024, 4096)]:
+        for kind in ("full_rank", "lowrank_plus_noise", "power_law"):
+            tau = make(kind, m, n, gen)
+            update, stats = Star(StarParams(ETA)).transform(tau)
+            r = stats["kept_rank"]
+            u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
+            exact = (u[:, :r] * (s[:r] * s.sum() / s[:r].sum())) @ vh[:r]  # (m, n) float64
+            scale = exact.abs().max()
+            ours = (update.left.double() @ update.right.double() - exact).abs().max() / scale
+            naive = (naive_star(tau, ETA).double() - exact).abs().max() / scale
+            rows.append(
+                {
+                    "shape": [m, n],
+                    "kind": kind,
+                    "kept_rank": r,
+                    "star_max_rel_err_vs_float64": float(ours),
+                    "naive_max_rel_err_vs_float64": float(naive),
+                }
+            )
+            print(f"{m}x{n} {kind:18s} error vs float64: star {float(ours):.1e}, naive {float(naive):.1e}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (1: stable timings on a shared machine)")
     parser.add_argument("--skip-4096sq", action="store_true", help="leave out 4096×4096")
     parser.add_argument("--out", default=str(ROOT / "scripts/bench/results/star_svd.json"))
+    parser.add_argument("--accuracy-only", action="store_true", help="only (re)compute the accuracy section of --out")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)  # a benchmark setting; the library sets nothing global
+    if args.accuracy_only:
+        report = json.loads(Path(args.out).read_text())
+        report["accuracy"] = bench_accuracy(torch.Generator().manual_seed(1))
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"updated {args.out}")
+        return
     gen = torch.Generator().manual_seed(0)
     shapes = [(1024, 1024), (4096, 1024), (1024, 4096)]
     if not args.skip_4096sq:
@@ -229,6 +262,7 @@ def main() -> None:
         ),
         "dense": dense,
         "lora_4096_rank16": lora,
+        "accuracy": bench_accuracy(torch.Generator().manual_seed(1)),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

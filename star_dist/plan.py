@@ -302,9 +302,11 @@ def _cost(tensors: list[TensorJob], method: str) -> tuple[float, int]:
 def _peak_memory(jobs: list[TensorJob], streaming: bool, n_models: int) -> int:
     """Bytes one worker holds at its peak: a few float32 copies of the largest tensor.
 
-    Streaming methods hold the base, the accumulator, one task vector and SVD workspace
-    (about 5 copies); TIES works on row blocks sized to about 2 copies for all N models,
-    plus the per-model threshold pass (about 3 copies).
+    Streaming methods hold the base, the accumulator, one task vector, its float32 copy
+    and SVD workspace: about 7 copies at the peak (5.7-7 measured by scripts/bench/memory.py
+    for N = 2..8). TIES holds the base, row blocks of all N task vectors sized to 2 copies
+    together, and about 5 block-sized temporaries: 4 + 12/N copies (measured 9.5, 6.8, 6.0
+    for N = 2, 4, 8).
     """
     if not jobs:
         return 0
@@ -312,8 +314,8 @@ def _peak_memory(jobs: list[TensorJob], streaming: bool, n_models: int) -> int:
     f32 = 4 * largest
     if streaming:
         gram = max((8 * min(j.shape) ** 2 for j in jobs if len(j.shape) == 2), default=0)
-        return 5 * f32 + gram
-    return max(5 * f32, 3 * f32 + 2 * f32 + 4 * f32 // max(n_models, 1))
+        return 7 * f32 + gram
+    return 4 * f32 + 12 * f32 // max(n_models, 1)
 
 
 def _fingerprint(

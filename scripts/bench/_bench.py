@@ -65,7 +65,9 @@ def machine_info() -> dict[str, Any]:
     for pkg in ("torch", "ray", "safetensors", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[pkg] = importlib.metadata.version(pkg)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    git = {"cwd": ROOT, "capture_output": True, "text": True}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "star_dist"], **git)
     return {
         "nproc": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),
@@ -78,8 +80,19 @@ def machine_info() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "loadavg_at_start": list(os.getloadavg()),
         "git_commit": commit.stdout.strip(),
+        "star_dist_uncommitted_changes": bool(dirty.stdout.strip()),
+        "star_dist_digest": star_dist_digest(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
+
+
+def star_dist_digest() -> str:
+    """sha256 of star_dist's sources. Others edit the package while benchmarks run, and Ray
+    workers import it afresh: a digest that changed during a run explains a byte mismatch."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "star_dist").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _meminfo(key: str) -> int:
@@ -215,16 +228,27 @@ def proc_status(pid: int | str) -> dict[str, int]:
     return out
 
 
-def run_merge_child(job: dict[str, Any], interval_s: float = 0.002, nice: int = 10) -> dict[str, Any]:
+# glibc's malloc keeps freed blocks below its (self-adjusting, up to 32 MiB) mmap threshold
+# in its heap, so RssAnon also holds up to a tensor or two of freed memory. Pinning the
+# threshold to 1 MiB returns every tensor-sized block to the kernel when it is freed: RssAnon
+# then tracks what the merge holds. (Setting it also turns off glibc's self-adjustment.)
+PINNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
+
+
+def run_merge_child(
+    job: dict[str, Any], interval_s: float = 0.002, nice: int = 10, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run one `star_dist.merge` in a child process and measure it from outside.
 
-    `job`: {"config": dict, "out": str, "options": dict}. Returns the child's own report
-    (merge wall time, RssAnon before the merge, VmHWM at the end) plus `peak_rss_anon`
-    (sampled), `peak_rss_file`, `ru_maxrss` (bytes) and the process's wall time.
+    `job`: {"config": dict, "out": str, "options": dict}; `env`: extra environment (e.g.
+    PINNED_MALLOC_ENV). Returns the child's own report (merge wall time, RssAnon before the
+    merge, VmHWM at the end) plus `peak_rss_anon` (sampled), `peak_rss_file`, `ru_maxrss`
+    (bytes) and the process's wall time.
     """
     cmd = ["nice", "-n", str(nice), PYTHON, str(Path(__file__).resolve()), "child", json.dumps(job)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    full_env = {**child_env(), **(env or {})}
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks = {"RssAnon": 0, "RssFile": 0, "samples": 0}
     done = threading.Event()
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-from _bench import MIB, machine_info, median, run_merge_child, write_result  # noqa: E402
+from _bench import MIB, machine_info, median, run_merge_child, star_dist_digest, write_result  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -306,6 +306,7 @@ def main() -> None:
         "quick": args.quick,
         "machine": machine,
         "loadavg_at_end": list(os.getloadavg()),
+        "star_dist_changed_during_run": star_dist_digest() != machine["star_dist_digest"],
         "total_s": time.perf_counter() - start,
         "factorized_vs_dense": factorized,
         "end_to_end": end_to_end,

@@ -64,10 +64,10 @@ class TensorMerger:
             merged, per_model = self._merge_joint(job, base), []
         else:  # pragma: no cover - the registry only holds these two kinds
             raise TypeError(type(self.method))
-        if not torch.isfinite(merged).all():
+        if not all_finite(merged):
             raise MergeError(f"tensor {job.name!r}: the merged result has NaN or Inf (check λ and weights)")
         out = merged.to(DTYPES[job.out_dtype][0])
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             raise MergeError(
                 f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
             )
@@ -148,7 +148,7 @@ class TensorMerger:
     def _load(self, entry: TensorEntry, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         raw = self.reader.read(entry, rows)
         value = raw.to(self.device, self.dtype, copy=True)
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise MergeError(f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt")
         return value
 
@@ -176,6 +176,13 @@ class TensorMerger:
         if src.fan_in_fan_out:  # the base stores (in, out): τ = s·(B A)ᵀ = s·Aᵀ Bᵀ
             return LowRank(a.T.mul(src.scale), b.T.contiguous())
         return LowRank(b.mul_(src.scale), a)
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or Inf, checked in chunks: `isfinite` on a whole tensor briefly costs almost two
+    more copies of it (a bool mask and the reduction), which is the peak we must not grow."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _accumulate(acc: torch.Tensor, update: TaskVector, weight: float) -> None:

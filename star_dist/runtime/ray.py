@@ -192,6 +192,7 @@ def ray_session(options: RunOptions) -> Iterator[bool]:
         if embedded:
             os.environ.pop("RAY_ADDRESS", None)
             ray.init(
+                address="local",  # a new cluster, never one a `ray start` left running here
                 num_cpus=os.cpu_count(),
                 include_dashboard=False,
                 log_to_driver=not options.quiet,

@@ -110,6 +110,14 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
         assert folder_bytes(tmp_path / "job_out") == expected
+        # With that head recorded as this machine's current cluster, the embedded default
+        # must still start a cluster of its own rather than join (or fail on) the head.
+        embedded = subprocess.run(
+            [str(BIN / "star-dist"), "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "embedded"), "--quiet"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert embedded.returncode == 0, embedded.stderr[-3000:]
+        assert folder_bytes(tmp_path / "embedded") == expected
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

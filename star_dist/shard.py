@@ -20,7 +20,7 @@ import torch
 from .lora import PEFT_PREFIX
 from .merge_tensor import TensorMerger, resolve_device
 from .methods import get_method
-from .output import STATE_DIR, manifest_path, write_atomic
+from .output import manifest_path, write_atomic
 from .plan import ShardJob
 from .safetensors_format import TORCH_TO_CODE, StreamingShardWriter, TensorReader, sha256_file
 
@@ -138,4 +138,4 @@ def completed_manifest(job: ShardJob) -> Manifest | None:
     return manifest
 
 
-__all__ = ["merge_shard", "completed_manifest", "torch_threads", "Manifest", "STATE_DIR"]
+__all__ = ["merge_shard", "completed_manifest", "torch_threads", "Manifest"]

@@ -7,6 +7,8 @@ import torch
 
 from star_dist.methods import LowRank, Star, StarParams, dense
 
+EPS32 = float(torch.finfo(torch.float32).eps)
+
 CASES = ["case0", "case1", "case2"]
 ETAS = [1, 40, 75, 100]
 
@@ -24,6 +26,31 @@ def engine_merge(star: Star, base: torch.Tensor, fts: list[torch.Tensor]) -> tup
     return base + acc, ranks
 
 
+def rank_within_rounding(tau: torch.Tensor, eta: float, ours: int, golden: int) -> bool:
+    """True when both ranks are the rule's answer up to the rounding of a float32 sum.
+
+    Where the cumulative sum of σ sits within float32 rounding of the target (η = 100 on a
+    numerically rank-deficient τ, whose trailing σ are float32 noise), the rank the rule
+    yields is set by rounding and differs by LAPACK build and CPU. A rank r passes when, on
+    exact (float64) σ, σ_1+…+σ_r falls short of the target by at most the float32 error
+    bound of a k-term sum (γ_k·Σσ, γ_k = k·u/(1 − k·u)) and σ_1+…+σ_(r−1) does not exceed it
+    by more: the values two such ranks disagree on are below float32 resolution, and any
+    real disagreement (a rank too small or not the smallest) still fails.
+    """
+    s = torch.linalg.svdvals(tau.double())  # (k,) float64
+    cumulative, total = torch.cumsum(s, 0), float(s.sum())
+    ku = s.numel() * EPS32 / 2
+    slack = ku / (1 - ku) * total
+    target = total * eta / 100
+
+    def acceptable(r: int) -> bool:
+        reaches = float(cumulative[r - 1]) >= target - slack
+        smallest = r == 1 or float(cumulative[r - 2]) < target + slack
+        return reaches and smallest
+
+    return acceptable(ours) and acceptable(golden)
+
+
 @pytest.mark.parametrize("top_method", ["auto", "subspace", "gram", "svd"])
 @pytest.mark.parametrize("eta", ETAS)
 @pytest.mark.parametrize("case", CASES)
@@ -33,7 +60,9 @@ def test_golden_case(golden, case: str, eta: int, top_method: str) -> None:
     expected = golden[f"{case}.expected_eta{eta}"]
     merged, ranks = engine_merge(Star(StarParams(eta=eta), top_method=top_method), base, fts)
 
-    assert ranks == golden[f"{case}.ranks_eta{eta}"].tolist()
+    expected_ranks = golden[f"{case}.ranks_eta{eta}"].tolist()
+    for i, (ours, theirs) in enumerate(zip(ranks, expected_ranks, strict=True)):
+        assert ours == theirs or rank_within_rounding(fts[i].float() - base, eta, ours, theirs), (i, ours, theirs)
     # Float32 rounding of the weights (measured ≤ 2.8e-7·max|W|), and of the update itself
     # (≤ 2.3e-6·max|update|: the golden came from a float32 SVD, ours is closer to exact).
     scale = expected.abs().max()

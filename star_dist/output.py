@@ -64,6 +64,20 @@ def manifest_path(out_dir: Path, shard_file: str) -> Path:
     return out_dir / STATE_DIR / "shards" / f"{shard_file}.json"
 
 
+def check_output_apart(out_dir: Path, input_folders: list[Path]) -> None:
+    """The output folder may not be, hold, or lie inside an input folder: `--overwrite`
+    empties it, and shards written among an input's files would corrupt that input."""
+    out = out_dir.resolve()
+    for folder in input_folders:
+        inp = folder.resolve()
+        if out == inp or out.is_relative_to(inp) or inp.is_relative_to(out):
+            relation = "is" if out == inp else "lies inside" if out.is_relative_to(inp) else "holds"
+            raise OutputError(
+                f"{out_dir}: the output folder {relation} the input folder {folder}; "
+                "choose an output folder apart from every input"
+            )
+
+
 def claim_output_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
     """Make `out_dir` ours. Returns True when resuming an earlier run of the same plan.
 

@@ -92,6 +92,12 @@ class MergePlan:
         return sum(len(s.tensors) for s in self.shards)
 
     @property
+    def input_folders(self) -> list[Path]:
+        """The base's folder and every fine-tune's or adapter's folder."""
+        folders = [i.folder if isinstance(i, LoraAdapter) else i.checkpoint.folder for i in self.inputs]
+        return [self.base.folder, *folders]
+
+    @property
     def bytes_read(self) -> int:
         return sum(s.bytes_read for s in self.shards)
 

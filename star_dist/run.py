@@ -13,7 +13,7 @@ from typing import Any
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import StarDistError
 from .lora import merged_adapter_config
-from .output import claim_output_dir, copy_base_files, release_output_dir, write_atomic, write_index
+from .output import check_output_apart, claim_output_dir, copy_base_files, release_output_dir, write_atomic, write_index
 from .plan import MergePlan, ShardJob, build_plan
 from .progress import Progress
 from .report import merge_report, model_card, write_report
@@ -36,6 +36,7 @@ class MergeResult:
 def run_merge(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> MergeResult:
     """Plan (validating every input), claim the output folder, merge the shards, finalize."""
     plan = build_plan(config, out_dir, options)  # headers only; raises before any write
+    check_output_apart(plan.out_dir, plan.input_folders)
     existed = plan.out_dir.exists()
     resuming = claim_output_dir(plan.out_dir, plan.fingerprint, options.overwrite)
     done = {job.file_name: m for job in plan.shards if (m := completed_manifest(job)) is not None}

@@ -203,3 +203,15 @@ def test_output_not_empty_is_refused_unless_overwrite(tiny_fp32: Path, tmp_path:
     result = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(out), "--runtime", "local", "--overwrite", "-q")
     assert result.returncode == 0, result.stderr
     assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["base", "ft1/merged", "."])
+def test_output_overlapping_an_input_is_refused(tiny_copy: Path, where: str) -> None:
+    """Even with --overwrite: emptying the folder would delete an input."""
+    out = tiny_copy / where
+    before = snapshot(tiny_copy)
+    result = run_cli("merge", str(tiny_copy / "merge.yaml"), str(out), "--runtime", "local", "--overwrite")
+    assert result.returncode == 2, result.stderr
+    assert "output folder" in result.stderr and "input folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(tiny_copy) == before

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import shutil
@@ -83,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process (1 is fastest on a busy machine: "
                              "OpenMP threads spin when cores are oversubscribed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite quality.md and the plot from the quality.json already in --out")
     args = parser.parse_args(argv)
 
+    if args.report_only:
+        results = json.loads((args.out / "quality.json").read_text())
+        smoke = results["preset"]["name"] == "smoke"
+        command = "python scripts/eval/run.py" + (" --smoke" if smoke else "") + f" --out {args.out}"
+        log(f"wrote {report.write(results, args.out, command)} from {args.out / 'quality.json'}")
+        return 0
     preset = SMOKE if args.smoke else FULL
     if args.fresh:
         shutil.rmtree(args.work / "runs" / preset.name, ignore_errors=True)

@@ -85,10 +85,12 @@ def star_dist_merge(name: str, params: dict, weights: list[float], base, fts, ro
             acc += wi * update
         return base + acc
     assert isinstance(method, JointMethod)
-    prepared = [method.prepare(tau) for tau in taus]
+    prepared = [method.prepare(tau, i) for i, tau in enumerate(taus)]
     out = base.clone()
+    row_numel = base[0].numel() if base.dim() > 1 else 1
     for a in range(0, base.shape[0], rows):
-        out[a : a + rows] += method.merge_block([t[a : a + rows] for t in taus], w, prepared)
+        offset = a * row_numel  # the block's first flat index: trimming keeps exact top-k across blocks
+        out[a : a + rows] += method.merge_block([t[a : a + rows] for t in taus], w, prepared, offset)
     return out
 
 

@@ -9,9 +9,10 @@ Two shapes of method exist, because memory must not grow with the number of mode
 * `StreamingMethod`: `W = W_base + λ · Σ_i w_i · f(τ_i)`. The engine holds one task
   vector at a time and accumulates (STAR, task arithmetic, average).
 * `JointMethod`: needs every model's value at the same position (TIES sign election).
-  A first streaming pass calls `prepare(τ_i)` once per model on the whole task vector
-  (TIES: its trim threshold); a second pass hands `merge_block` the same row block of
-  every task vector, so the engine can bound memory by working on row blocks.
+  A first streaming pass calls `prepare(τ_i, i)` once per model on the whole task vector
+  (TIES: its trim rule); a second pass hands `merge_block` the same row block of every
+  task vector, with the block's flat offset, so the engine can bound memory by working on
+  row blocks.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class MergeMethod(ABC):
     streaming: ClassVar[bool]
     # The paper or reference the method follows, shown in the model card.
     reference: ClassVar[str] = ""
+    # Parameters a model may set for itself under `models[i].parameters` (TIES: density).
+    per_model_params: ClassVar[tuple[str, ...]] = ()
 
     def resolve_weights(self, given: list[float | None]) -> list[float]:
         """The weights `w_i` the engine uses, from the config's (None where a model gives none).
@@ -96,15 +99,16 @@ class JointMethod(MergeMethod):
     streaming: ClassVar[bool] = False
 
     @abstractmethod
-    def prepare(self, tau: torch.Tensor) -> Any:
-        """A per-model statistic of the whole float32 task vector (TIES: the trim threshold)."""
+    def prepare(self, tau: torch.Tensor, model: int = 0) -> Any:
+        """A statistic of model `model`'s whole task vector (TIES: its trim rule)."""
 
     @abstractmethod
     def merge_block(
-        self, taus: list[torch.Tensor], weights: list[float], prepared: list[Any]
+        self, taus: list[torch.Tensor], weights: list[float], prepared: list[Any], offset: int = 0
     ) -> torch.Tensor:
         """The merged update for one row block of every model's task vector, before λ.
 
-        `taus[i]` is rows [a, b) of model i's float32 task vector; `prepared[i]` is what
-        `prepare` returned for model i. Returns a float32 tensor of the block's shape.
+        `taus[i]` is rows [a, b) of model i's task vector (compute dtype); `prepared[i]` is
+        what `prepare` returned for model i; `offset` is the flat index of the block's first
+        entry. Returns a tensor of the block's shape and dtype.
         """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from star_dist.errors import ConfigError
@@ -25,6 +24,8 @@ def as_number(method: str, name: str, value: Any) -> float:
     return number
 
 
-@dataclass(frozen=True)
-class NoParams:
-    """For methods with no parameter of their own (λ and weights belong to the engine)."""
+def as_flag(method: str, name: str, value: Any) -> bool:
+    """A config value as a boolean (YAML true/false); ConfigError otherwise."""
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{method}: {name} must be true or false, got {value!r}")

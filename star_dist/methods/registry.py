@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -37,11 +37,16 @@ def method_param_names(name: str) -> list[str]:
     return [f.name for f in fields(params_type)]
 
 
-def get_method(name: str, params: Mapping[str, Any] | None = None) -> MergeMethod:
-    """Build a method from its name and a dict of parameters (engine keys are ignored).
+def get_method(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    model_params: Sequence[Mapping[str, Any]] = (),
+) -> MergeMethod:
+    """Build a method from its name, its parameters, and each model's own (engine keys ignored).
 
-    ConfigError lists the valid method names for an unknown method, and the valid parameter
-    names for an unknown parameter; value checks come from the params dataclass.
+    ConfigError lists the valid method names for an unknown method, the valid parameter names
+    for an unknown parameter, and the per-model ones for a parameter a model may not set;
+    value checks come from the params dataclass.
     """
     cls = _method_class(name)
     own = {k: v for k, v in (params or {}).items() if k not in ENGINE_KEYS}
@@ -53,4 +58,19 @@ def get_method(name: str, params: Mapping[str, Any] | None = None) -> MergeMetho
             f"{name}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
             f"valid parameters: {allowed} (plus the engine's lambda and weight)"
         )
-    return cls(cls.Params(**own))  # type: ignore[attr-defined, call-arg]
+    for i, per_model in enumerate(model_params):
+        bad = sorted(k for k in per_model if k not in cls.per_model_params and k not in ENGINE_KEYS)
+        if bad:
+            allowed = ", ".join(("weight", *cls.per_model_params))
+            raise ConfigError(
+                f"models[{i}].parameters: {', '.join(map(repr, bad))} cannot be set per model for {name}; "
+                f"per-model parameters: {allowed}"
+            )
+    params_obj = cls.Params(**own)  # type: ignore[attr-defined]
+    if not any(model_params) or not cls.per_model_params:
+        return cls(params_obj)  # type: ignore[call-arg]
+    per_model_objs = tuple(
+        cls.Params(**{**own, **{k: v for k, v in m.items() if k not in ENGINE_KEYS}})  # type: ignore[attr-defined]
+        for m in model_params
+    )
+    return cls(params_obj, per_model_objs)  # type: ignore[call-arg]

@@ -45,12 +45,14 @@ _EPS32 = float(torch.finfo(torch.float32).eps)
 
 
 def singular_values(tau: torch.Tensor) -> torch.Tensor:
-    """Every singular value of a 2-D float32 tensor, descending, float32.
+    """Every singular value of a 2-D tensor, descending, in float32 (float64 for float64 τ).
 
-    Values-only LAPACK (gesdd with jobz='N'): accurate to float32 rounding of σ_1 for every σ,
-    float32 like the reference's values, so the rank rule rounds as it does (see `kept_rank`).
+    Values-only LAPACK (gesdd with jobz='N'): accurate to the rounding of σ_1 for every σ,
+    float32 like the reference's values, so the rank rule rounds as it does (see `kept_rank`);
+    a float64 merge (`dtype: float64`) gets float64 values and rule.
     """
-    return torch.linalg.svdvals(tau.to(torch.float32))  # (min(m, n),)
+    dtype = torch.float64 if tau.dtype == torch.float64 else torch.float32
+    return torch.linalg.svdvals(tau.to(dtype))  # (min(m, n),)
 
 
 def kept_rank(s: torch.Tensor, eta: float) -> int:
@@ -72,10 +74,10 @@ def kept_rank(s: torch.Tensor, eta: float) -> int:
     agrees to float32 rounding whatever r the tail yields (tests/methods/test_star_golden.py
     checks exactly that).
     """
-    s32 = s.detach().to(torch.float32)  # (k,)
+    s32 = s.detach() if s.dtype == torch.float64 else s.detach().to(torch.float32)  # (k,)
     if s32.numel() == 0:
         return 0
-    total = s32.sum()  # () float32, as the reference sums
+    total = s32.sum()  # () float32 as the reference sums (float64 values: float64)
     if not bool(total > 0):
         if bool(torch.isnan(total)):
             raise MergeError("STAR: singular values are NaN; the task vector is not finite")

@@ -63,7 +63,7 @@ class Star(StreamingMethod):
         return [1.0 / n if w is None else float(w) for w in given]
 
     def transform(self, tau: TaskVector) -> tuple[TaskVector, dict[str, Any]]:
-        """τ' = U_r diag(σ') V_rᵀ, σ' = c·σ_r, as a float32 `LowRank` for a 2-D τ; else τ unchanged.
+        """τ' = U_r diag(σ') V_rᵀ, σ' = c·σ_r, as a `LowRank` of τ's dtype for a 2-D τ; else τ.
 
         For a dense τ the factors come from `spectral.top_factors`: left = U_r diag(σ') and
         right = V_rᵀ, except on the Gram routes for a wide τ (m < n), where left = c·U_r and
@@ -79,11 +79,12 @@ class Star(StreamingMethod):
         s = singular_values(tau)  # (min(m, n),) float32, every σ
         r = kept_rank(s, self.params.eta)
         if r == 0:
-            return _zero(tau.shape, tau.device), _stats(0, 0.0, 0.0)
+            return _zero(tau.shape, tau.device, tau.dtype), _stats(0, 0.0, 0.0)
         left, right = top_factors(tau, r, self.top_method, s)  # (m, r), (r, n) float64
         scale, before, after = _rescale(s, r)
         # left @ right is the rank-r truncation; c on either factor scales the product.
-        update = LowRank(left.mul_(scale).float().contiguous(), right.float().contiguous())
+        dtype = tau.dtype  # float32, or float64 for a float64 merge
+        update = LowRank(left.mul_(scale).to(dtype).contiguous(), right.to(dtype).contiguous())
         return update, _stats(r, before, after)
 
     def _transform_lowrank(self, tau: LowRank) -> tuple[TaskVector, dict[str, Any]]:
@@ -93,10 +94,11 @@ class Star(StreamingMethod):
         u, s, vh = lowrank_svd(tau.left, tau.right)  # (m, k), (k,), (k, n) float64
         r = kept_rank(s, self.params.eta)
         if r == 0:
-            return _zero(tau.shape, tau.left.device), _stats(0, 0.0, 0.0)
+            return _zero(tau.shape, tau.left.device, tau.left.dtype), _stats(0, 0.0, 0.0)
         scale, before, after = _rescale(s, r)
         left = u[:, :r] * (s[:r] * scale)  # (m, r) U_r diag(σ')
-        return LowRank(left.float(), vh[:r].float()), _stats(r, before, after)
+        dtype = tau.left.dtype
+        return LowRank(left.to(dtype), vh[:r].to(dtype)), _stats(r, before, after)
 
 
 def _rescale(s: torch.Tensor, r: int) -> tuple[float, float, float]:
@@ -108,11 +110,11 @@ def _rescale(s: torch.Tensor, r: int) -> tuple[float, float, float]:
     return scale, total, scale * kept
 
 
-def _zero(shape: tuple[int, ...], device: torch.device) -> LowRank:
-    """A rank-0 update: left @ right is an all-zero (m, n) float32 matrix, never NaN."""
+def _zero(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> LowRank:
+    """A rank-0 update: left @ right is an all-zero (m, n) matrix, never NaN."""
     m, n = shape
-    left = torch.zeros(m, 0, dtype=torch.float32, device=device)  # (m, 0)
-    right = torch.zeros(0, n, dtype=torch.float32, device=device)  # (0, n)
+    left = torch.zeros(m, 0, dtype=dtype, device=device)  # (m, 0)
+    right = torch.zeros(0, n, dtype=dtype, device=device)  # (0, n)
     return LowRank(left, right)
 
 

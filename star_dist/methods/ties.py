@@ -1,22 +1,23 @@
 """TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint merge.
 
-Semantics follow mergekit's `ties` (magnitude sparsification + 'sum' consensus, normalize on),
-so results can be checked against it:
+Semantics follow mergekit's `ties` (magnitude sparsification + 'sum' consensus), so results
+can be checked against it:
 
 * trim: keep the k = max(1, int(density · numel)) largest |τ_i| of each whole task vector
-  (density ≥ 1 keeps everything);
+  (density ≥ 1 keeps everything); `density` may differ per model, as in mergekit;
 * elect: the sign of Σ_i w_i·trim(τ_i) at each position, + where that sum is ≥ 0;
 * disjoint merge: Σ_i w_i·trim(τ_i) over the models whose w_i·trim(τ_i) has the elected
-  sign (a zero never does), divided by the sum of those models' w_i (a zero divisor is 1).
+  sign (a zero never does), divided by the sum of those models' w_i (a zero divisor is 1);
+  with `normalize: false` the sum is not divided, as in mergekit.
 
-Trimming is a threshold, so it can run on row blocks: `prepare` finds t_i, the k-th largest
-|τ_i| of the whole tensor, and `merge_block` keeps |τ_i| ≥ t_i. This equals top-k except when
-several entries share the magnitude t_i exactly: then every one of them is kept (more than k
-entries), where mergekit keeps an arbitrary subset chosen by its sort. We keep them all
-because the choice must not depend on the row blocking or the sort algorithm; for real float
-weights such ties are rare, and ties at t_i = 0 change nothing (a zero never votes or adds).
-As in mergekit 0.1.5's `sparsify.magnitude`, a tiny tensor keeps at least one entry (older
-mergekit versions refused a tensor where int(density · numel) is 0 with an assertion).
+Trimming must run on row blocks, so it is a rule that a block can apply alone: `prepare`
+finds t_i, the k-th largest |τ_i| of the whole tensor, and the flat index up to which
+entries whose |τ_i| equals t_i exactly are kept, so that exactly k entries survive. Entries
+tied at t_i are taken in flat (row-major) order. mergekit keeps an arbitrary subset of them
+(whatever its unstable sort yields), so the two agree except on which tied entries are kept;
+such ties are common in bf16 or fp16 checkpoints, whose task vectors take few distinct
+values, and never matter at t_i = 0 (a zero neither votes nor adds). As in mergekit 0.1.5's
+`sparsify.magnitude`, a tiny tensor keeps at least one entry.
 """
 
 from __future__ import annotations
@@ -28,20 +29,40 @@ import torch
 
 from star_dist.errors import ConfigError
 from star_dist.methods.base import JointMethod
-from star_dist.methods.params import as_number
+from star_dist.methods.params import as_flag, as_number
+
+# Elements counted at a time while locating the last tied entry to keep (bounded memory).
+_TIE_SCAN_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
 class TiesParams:
-    """density: the fraction of each task vector's entries kept by magnitude, in (0, 1]."""
+    """density: the fraction of each task vector's entries kept by magnitude, in (0, 1].
+
+    normalize: divide by the agreeing models' weights (mergekit's flag, on by default).
+    int8_mask: accepted for mergekit configs; a memory option there, no effect here (our
+    masks are booleans already).
+    """
 
     density: float = 0.2
+    normalize: bool = True
+    int8_mask: bool = False
 
     def __post_init__(self) -> None:
         density = as_number("ties", "density", self.density)
         if not 0.0 < density <= 1.0:
             raise ConfigError(f"ties: density must be in (0, 1] (the fraction of entries kept), got {density!r}")
         object.__setattr__(self, "density", density)
+        object.__setattr__(self, "normalize", as_flag("ties", "normalize", self.normalize))
+        object.__setattr__(self, "int8_mask", as_flag("ties", "int8_mask", self.int8_mask))
+
+
+@dataclass(frozen=True)
+class TrimRule:
+    """Model i's trim: keep |τ| > threshold, and |τ| == threshold at flat index ≤ last_tied."""
+
+    threshold: float
+    last_tied: int  # −1: no tied entry is kept; ≥ numel − 1: every one is
 
 
 def trim_count(numel: int, density: float) -> int:
@@ -52,10 +73,7 @@ def trim_count(numel: int, density: float) -> int:
 
 
 def trim_threshold(tau: torch.Tensor, density: float) -> float:
-    """t, the k-th largest |τ| of the whole tensor: keeping |τ| ≥ t is top-k up to exact ties.
-
-    0 keeps everything (density 1, or an empty tensor).
-    """
+    """t, the k-th largest |τ| of the whole tensor (0 when everything is kept)."""
     numel = tau.numel()
     k = trim_count(numel, density)
     if k >= numel:
@@ -65,46 +83,85 @@ def trim_threshold(tau: torch.Tensor, density: float) -> float:
     return float(torch.kthvalue(magnitudes, numel - k + 1).values)
 
 
+def trim_rule(tau: torch.Tensor, density: float) -> TrimRule:
+    """The rule that keeps exactly k entries of τ: all above t, then tied ones in flat order."""
+    numel = tau.numel()
+    k = trim_count(numel, density)
+    if k >= numel:
+        return TrimRule(0.0, numel)
+    t = trim_threshold(tau, density)
+    if t == 0.0:  # ties at 0 are zeros: keeping them changes nothing
+        return TrimRule(0.0, numel)
+    flat = tau.detach().reshape(-1)  # (numel,)
+    above = sum(int((flat[i : i + _TIE_SCAN_CHUNK].abs() > t).sum()) for i in range(0, numel, _TIE_SCAN_CHUNK))
+    need = k - above  # ≥ 1: the k-th largest itself equals t
+    for start in range(0, numel, _TIE_SCAN_CHUNK):
+        tied = torch.nonzero(flat[start : start + _TIE_SCAN_CHUNK].abs() == t).reshape(-1)  # (ties in chunk,)
+        if need <= tied.numel():
+            return TrimRule(t, start + int(tied[need - 1]))
+        need -= tied.numel()
+    return TrimRule(t, numel)  # unreachable for a finite τ
+
+
 class Ties(JointMethod):
     """Trim each task vector, elect a sign per entry, average the models that agree with it."""
 
     name: ClassVar[str] = "ties"
     Params: ClassVar[type] = TiesParams
+    per_model_params: ClassVar[tuple[str, ...]] = ("density",)
     reference: ClassVar[str] = (
         "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, "
         "NeurIPS 2023, https://arxiv.org/abs/2306.01708"
     )
 
-    def __init__(self, params: TiesParams | None = None) -> None:
+    def __init__(self, params: TiesParams | None = None, model_params: tuple[TiesParams, ...] = ()) -> None:
         self.params = params if params is not None else TiesParams()
+        self.model_params = model_params  # per model, where models set their own density
 
     def params_dict(self) -> dict[str, Any]:
         return asdict(self.params)
 
-    def prepare(self, tau: torch.Tensor) -> float:
-        """The trim threshold t of this model's whole task vector (a plain float)."""
-        return trim_threshold(tau, self.params.density)
+    def density_of(self, model: int) -> float:
+        return self.model_params[model].density if self.model_params else self.params.density
 
-    def merge_block(self, taus: list[torch.Tensor], weights: list[float], prepared: list[Any]) -> torch.Tensor:
+    def prepare(self, tau: torch.Tensor, model: int = 0) -> TrimRule:
+        """Model `model`'s trim rule, from its whole task vector."""
+        return trim_rule(tau, self.density_of(model))
+
+    def merge_block(
+        self, taus: list[torch.Tensor], weights: list[float], prepared: list[Any], offset: int = 0
+    ) -> torch.Tensor:
         """The disjoint mean of the sign-agreeing, trimmed, weighted task vectors of one block.
 
-        Two passes over the models, so only a few block-sized tensors are alive at once.
+        `offset` is the flat index of the block's first entry in the whole tensor. Two passes
+        over the models, so only a few block-sized tensors are alive at once.
         """
         if not (len(taus) == len(weights) == len(prepared)) or not taus:
             raise ValueError(
-                f"ties: need one weight and one threshold per task vector, got {len(taus)} "
-                f"blocks, {len(weights)} weights, {len(prepared)} thresholds"
+                f"ties: need one weight and one trim rule per task vector, got {len(taus)} "
+                f"blocks, {len(weights)} weights, {len(prepared)} rules"
             )
+        dtype = taus[0].dtype if taus[0].is_floating_point() else torch.float32
+        index = None  # (rows, ...) flat indices, built once, only if some rule keeps some ties
 
         def weighted_trim(i: int) -> torch.Tensor:
-            tau = taus[i].to(torch.float32)  # (rows, ...)
-            kept = torch.where(tau.abs() >= prepared[i], tau, torch.zeros_like(tau))
-            return kept * weights[i]  # (rows, ...) w_i · trim(τ_i)
+            nonlocal index
+            tau = taus[i].to(dtype)  # (rows, ...)
+            rule = prepared[i]
+            magnitude = tau.abs()
+            keep = magnitude > rule.threshold
+            if rule.last_tied >= offset + tau.numel() - 1:
+                keep |= magnitude == rule.threshold
+            elif rule.last_tied >= offset:
+                if index is None:
+                    index = torch.arange(offset, offset + tau.numel(), device=tau.device).reshape(tau.shape)
+                keep |= (magnitude == rule.threshold) & (index <= rule.last_tied)
+            return torch.where(keep, tau, torch.zeros_like(tau)) * weights[i]  # (rows, ...) w_i · trim(τ_i)
 
-        mass = torch.zeros_like(taus[0], dtype=torch.float32)  # (rows, ...) Σ_i w_i trim(τ_i)
+        mass = torch.zeros_like(taus[0], dtype=dtype)  # (rows, ...) Σ_i w_i trim(τ_i)
         for i in range(len(taus)):
             mass += weighted_trim(i)
-        elected = torch.where(mass >= 0, 1.0, -1.0)  # (rows, ...) +1 / −1
+        elected = torch.where(mass >= 0, 1.0, -1.0).to(dtype)  # (rows, ...) +1 / −1
         del mass
 
         merged = torch.zeros_like(elected)  # (rows, ...) Σ over agreeing models
@@ -113,6 +170,8 @@ class Ties(JointMethod):
             delta = weighted_trim(i)
             agrees = torch.sign(delta) == elected  # (rows, ...) bool; a zero never agrees
             merged += torch.where(agrees, delta, torch.zeros_like(delta))
-            divisor += agrees.to(torch.float32) * weights[i]
+            divisor += agrees.to(dtype) * weights[i]
+        if not self.params.normalize:
+            return merged
         divisor[divisor == 0] = 1.0
         return merged / divisor

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from star_dist.errors import ConfigError
-from star_dist.methods import Average, LowRank, TaskArithmetic, Ties, TiesParams
+from star_dist.methods import Average, LowRank, TaskArithmetic, Ties, TiesParams, get_method
 from star_dist.methods.ties import trim_count, trim_threshold
 
 
@@ -60,17 +60,21 @@ def test_average_zero_weight_sum() -> None:
 # -- TIES ------------------------------------------------------------------------------------
 
 
-def ties_reference(taus: list[np.ndarray], weights: list[float], density: float) -> np.ndarray:
+def ties_reference(
+    taus: list[np.ndarray], weights: list[float], density: float | list[float], normalize: bool = True
+) -> np.ndarray:
     """TIES as the paper describes it (trim, elect, disjoint merge), with mergekit's weights.
 
-    Trim: keep the k = max(1, floor(density·numel)) largest |τ|. Elect: γ = sign(Σ w_i τ̂_i),
-    + at 0. Disjoint merge: over A = {i : sign(w_i τ̂_i) = γ}, Σ_A w_i τ̂_i / Σ_A w_i.
-    Written elementwise in numpy float64, independent of the torch code.
+    Trim: keep the k = max(1, floor(density·numel)) largest |τ| (a stable sort: entries of
+    equal magnitude are taken in flat order). Elect: γ = sign(Σ w_i τ̂_i), + at 0. Disjoint
+    merge: over A = {i : sign(w_i τ̂_i) = γ}, Σ_A w_i τ̂_i / Σ_A w_i (not divided without
+    normalize). Written elementwise in numpy float64, independent of the torch code.
     """
+    densities = density if isinstance(density, list) else [density] * len(taus)
     trimmed = []
-    for tau in taus:
+    for tau, d in zip(taus, densities, strict=True):
         flat = tau.reshape(-1)
-        k = flat.size if density >= 1 else max(1, int(density * flat.size))
+        k = flat.size if d >= 1 else max(1, int(d * flat.size))
         keep = np.argsort(-np.abs(flat), kind="stable")[:k]
         out = np.zeros_like(flat)
         out[keep] = flat[keep]
@@ -80,9 +84,27 @@ def ties_reference(taus: list[np.ndarray], weights: list[float], density: float)
         values = [w * t[p] for w, t in zip(weights, trimmed, strict=True)]
         gamma = 1.0 if sum(values) >= 0 else -1.0
         agree = [i for i, v in enumerate(values) if np.sign(v) == gamma]
-        divisor = sum(weights[i] for i in agree)
+        divisor = sum(weights[i] for i in agree) if normalize else 1.0
         merged[p] = sum(values[i] for i in agree) / (divisor if divisor != 0 else 1.0)
     return merged.reshape(taus[0].shape)
+
+
+def quantized_models(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """bf16 checkpoints upcast: their task vectors take few distinct values, so many |τ| tie."""
+    base, fts = models(n, shape, seed)
+    base = base.bfloat16().float()
+    return base, [ft.bfloat16().float() for ft in fts]
+
+
+def ties_blocks(ties: Ties, taus: list[torch.Tensor], weights: list[float], rows: int) -> torch.Tensor:
+    """TIES as the engine runs it: rules from whole task vectors, then row blocks with offsets."""
+    prepared = [ties.prepare(t, i) for i, t in enumerate(taus)]
+    row_numel = taus[0][0].numel()
+    blocks = [
+        ties.merge_block([t[a : a + rows] for t in taus], weights, prepared, a * row_numel)
+        for a in range(0, taus[0].shape[0], rows)
+    ]
+    return torch.cat(blocks)
 
 
 @pytest.mark.parametrize(
@@ -115,8 +137,7 @@ def test_ties_row_blocks_equal_whole_tensor(rows: int) -> None:
     weights = [0.6, 1.0, 0.9]
     prepared = [ties.prepare(t) for t in taus]  # always from the whole task vector
     whole = ties.merge_block(taus, weights, prepared)
-    blocks = [ties.merge_block([t[a : a + rows] for t in taus], weights, prepared) for a in range(0, 64, rows)]
-    assert torch.equal(torch.cat(blocks), whole)
+    assert torch.equal(ties_blocks(ties, taus, weights, rows), whole)
 
 
 def test_trim_count_and_threshold() -> None:
@@ -130,14 +151,63 @@ def test_trim_count_and_threshold() -> None:
     assert trim_threshold(tau, 1.0) == 0.0
 
 
-def test_ties_keeps_every_entry_tied_at_the_threshold() -> None:
-    # k = 2 of [3, −2, 2, 1]: the threshold is 2 and both ±2 are kept (3 entries, not 2).
+def test_ties_keeps_exactly_k_taking_tied_entries_in_flat_order() -> None:
+    # k = 2 of [3, −2, 2, 1]: the threshold is 2; of the tied ±2 only the first is kept.
     tau = torch.tensor([3.0, -2.0, 2.0, 1.0])
     ties = Ties(TiesParams(density=0.5))
-    t = ties.prepare(tau)
-    assert t == 2.0
-    got = ties.merge_block([tau], [1.0], [t])
-    assert torch.equal(got, torch.tensor([3.0, -2.0, 2.0, 0.0]))
+    rule = ties.prepare(tau)
+    assert (rule.threshold, rule.last_tied) == (2.0, 1)
+    got = ties.merge_block([tau], [1.0], [rule])
+    assert torch.equal(got, torch.tensor([3.0, -2.0, 0.0, 0.0]))
+    # The same rule applied to the second half alone, at its offset, keeps nothing tied.
+    assert torch.equal(ties.merge_block([tau[2:]], [1.0], [rule], offset=2), torch.tensor([0.0, 0.0]))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 50])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_ties_on_bf16_task_vectors_keeps_density_exactly(rows: int, density: float) -> None:
+    base, fts = quantized_models(3, (50, 40), seed=11)
+    taus = [ft - base for ft in fts]
+    ties = Ties(TiesParams(density=density))
+    magnitudes = [t.abs().reshape(-1) for t in taus]
+    assert max(m.numel() - m.unique().numel() for m in magnitudes) > 1000  # the case is what it says
+    weights = [1.0, 0.8, 1.1]
+    got = ties_blocks(ties, taus, weights, rows)
+    expected = ties_reference([t.double().numpy() for t in taus], weights, density)
+    assert np.allclose(got.double().numpy(), expected, rtol=0, atol=1e-6)
+    for i, tau in enumerate(taus):  # each model keeps k entries (those that are non-zero)
+        rule = ties.prepare(tau, i)
+        flat = tau.abs().reshape(-1)
+        kept = (flat > rule.threshold) | ((flat == rule.threshold) & (torch.arange(flat.numel()) <= rule.last_tied))
+        assert int(kept.sum()) == trim_count(tau.numel(), density)
+
+
+def test_ties_per_model_density_and_no_normalize() -> None:
+    base, fts = models(3, (30, 12), seed=5)
+    taus = [ft - base for ft in fts]
+    densities = [0.2, 0.6, 1.0]
+    ties = get_method("ties", {"density": 0.5, "normalize": False}, [{"density": d} for d in densities])
+    assert [ties.density_of(i) for i in range(3)] == densities
+    weights = [1.0, 0.5, 0.7]
+    got = ties_blocks(ties, taus, weights, rows=7)
+    expected = ties_reference([t.double().numpy() for t in taus], weights, densities, normalize=False)
+    assert np.allclose(got.double().numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_ties_per_model_parameters_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"models\[1\]\.parameters: 'eta' cannot be set per model for ties"):
+        get_method("ties", {}, [{}, {"eta": 40}])
+    with pytest.raises(ConfigError, match="cannot be set per model for star"):
+        get_method("star", {}, [{"density": 0.3}])
+    with pytest.raises(ConfigError, match="normalize must be true or false"):
+        get_method("ties", {"normalize": "yes"})
+
+
+def test_task_arithmetic_normalize_and_average_without() -> None:
+    ta = get_method("task_arithmetic", {"normalize": True})
+    assert ta.resolve_weights([1.0, 3.0]) == [0.25, 0.75]
+    assert ta.resolve_weights([1.0, -1.0]) == [1.0, -1.0]  # |Σw| < 1e-8 divides by 1, as mergekit
+    assert get_method("average", {"normalize": False}).resolve_weights([1.0, 3.0]) == [1.0, 3.0]
 
 
 def test_ties_zero_divisor_and_zero_vectors() -> None:
@@ -147,7 +217,7 @@ def test_ties_zero_divisor_and_zero_vectors() -> None:
     assert torch.equal(got, zero)  # nothing agrees anywhere: 0 / 1, never NaN
     # Weights summing to zero over the agreeing models: the divisor falls back to 1.
     tau = torch.tensor([[1.0, 2.0]])
-    got = ties.merge_block([tau, tau], [1.0, -1.0], [0.0, 0.0])
+    got = ties.merge_block([tau, tau], [1.0, -1.0], [ties.prepare(tau)] * 2)
     assert torch.isfinite(got).all()
 
 
@@ -161,4 +231,4 @@ def test_ties_density_message() -> None:
     with pytest.raises(ConfigError, match=r"density must be in \(0, 1\] .*, got 1\.5$"):
         TiesParams(density=1.5)
     assert TiesParams().density == 0.2
-    assert Ties(TiesParams(0.4)).params_dict() == {"density": 0.4}
+    assert Ties(TiesParams(0.4)).params_dict() == {"density": 0.4, "normalize": True, "int8_mask": False}

@@ -33,18 +33,19 @@ def test_table() -> None:
 
 def test_param_names() -> None:
     assert method_param_names("star") == ["eta"]
-    assert method_param_names("ties") == ["density"]
-    assert method_param_names("task_arithmetic") == []
-    assert method_param_names("average") == []
+    assert method_param_names("ties") == ["density", "normalize", "int8_mask"]
+    assert method_param_names("task_arithmetic") == ["normalize"]
+    assert method_param_names("average") == ["normalize"]
 
 
 def test_get_method_builds_params_and_ignores_engine_keys() -> None:
     star = get_method("star", {"eta": 75, "lambda": 0.8, "weight": 2.0})
     assert isinstance(star, Star) and star.params_dict() == {"eta": 75.0}
-    assert get_method("ties", {"density": 0.5}).params_dict() == {"density": 0.5}
-    assert get_method("ties", {}).params_dict() == {"density": 0.2}
+    ties_defaults = {"normalize": True, "int8_mask": False}
+    assert get_method("ties", {"density": 0.5}).params_dict() == {"density": 0.5, **ties_defaults}
+    assert get_method("ties", {}).params_dict() == {"density": 0.2, **ties_defaults}
     assert isinstance(get_method("average", {"lambda": 1.0}), Average)
-    assert get_method("task_arithmetic", {}).params_dict() == {}
+    assert get_method("task_arithmetic", {}).params_dict() == {"normalize": False}
 
 
 def test_unknown_method_lists_valid_names() -> None:
@@ -61,7 +62,7 @@ def test_unknown_parameter_lists_valid_ones() -> None:
     assert str(err.value) == (
         "star: unknown parameter(s) 'rank'; valid parameters: eta (plus the engine's lambda and weight)"
     )
-    with pytest.raises(ConfigError, match=r"valid parameters: none"):
+    with pytest.raises(ConfigError, match=r"valid parameters: normalize \(plus"):
         get_method("average", {"density": 0.5})
 
 

@@ -56,8 +56,8 @@ def test_kept_rank_float32_rounding_at_eta_100() -> None:
     # reference computes it; the golden cases (30 of 32, 90 of 96) rest on this.
     s = torch.tensor([1.0, 1e-8, 1e-8])
     assert kept_rank(s, 100) == 1
-    # Cast to float32 first, whatever the input precision (float64 would give 3).
-    assert kept_rank(s.double(), 100) == 1
+    # float64 values (a `dtype: float64` merge) get the float64 rule: nothing rounds away.
+    assert kept_rank(s.double(), 100) == 3
 
 
 def test_kept_rank_zero_empty_and_nan() -> None:

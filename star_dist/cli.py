@@ -31,8 +31,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eta", type=float, help="STAR: percent of the nuclear norm kept (0, 100]; default 40")
     g.add_argument("--lambda", type=float, dest="lambda_", help="global scale of the merged update; default 1")
     g.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (0, 1]; default 0.2")
-    g.add_argument("--dtype", help="computation dtype: float32 (default) or float64")
-    g.add_argument("--out-dtype", help="output dtype: float32, float16, bfloat16 (default: the base's)")
+    g.add_argument("--dtype", help="as mergekit's dtype: the merge dtype and default output dtype (float32, "
+                   "bfloat16, float16, float64); computation is never below float32")
+    g.add_argument("--out-dtype", help="output dtype: float32, float16, bfloat16, float64 "
+                   "(default: --dtype, else the base's)")
     g.add_argument("--output-format", choices=["model", "adapter"],
                    help="model (default): a full HF model; adapter: one PEFT LoRA adapter (LoRA inputs only)")
 
@@ -90,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
     if args.config:
         base_dir = Path(args.config).parent
         data = load_config(args.config).to_dict()
+    if args.merge_method is not None and args.merge_method != data.get("merge_method", args.merge_method):
+        data = _drop_foreign_params(data, args.merge_method)
     for key in ("merge_method", "base_model", "dtype", "out_dtype", "output_format"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
@@ -104,6 +108,26 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
     if not args.config and not data.get("base_model"):
         raise ConfigError("give a config file, or --base-model and --model flags")
     return MergeConfig.from_dict(data, source=args.config or "command line").resolve_paths(base_dir)
+
+
+def _drop_foreign_params(data: dict[str, Any], method: str) -> dict[str, Any]:
+    """--method replaces the file's method: drop the file's parameters the new one does not
+    take (a STAR config's eta under --method ties), keeping λ, weights and its own."""
+    from .methods import METHODS, method_param_names
+    from .methods.registry import ENGINE_KEYS
+
+    if method not in METHODS:
+        return data  # validation reports the unknown method with the valid names
+    keep = set(method_param_names(method)) | ENGINE_KEYS
+    per_model = set(METHODS[method].per_model_params) | {"weight"}
+    out = dict(data)
+    out["parameters"] = {k: v for k, v in (data.get("parameters") or {}).items() if k in keep}
+    out["models"] = [
+        {**m, "parameters": {k: v for k, v in m.get("parameters", {}).items() if k in per_model}}
+        if isinstance(m, dict) else m
+        for m in data.get("models", [])
+    ]
+    return out
 
 
 def _parse_model_flag(text: str) -> dict[str, Any]:

@@ -7,11 +7,16 @@ Keys follow mergekit where they mean the same thing, so an existing mergekit YAM
     base_model: path/or/hub-id
     models:
       - model: path/or/hub-id
-        parameters: {weight: 1.0}  # optional; STAR and average default to 1/N
-    parameters: {eta: 40, lambda: 1.0, density: 0.2}
-    dtype: float32                 # computation dtype (float32 or float64)
-    out_dtype: bfloat16            # optional; default: each tensor keeps the base's dtype
+        parameters: {weight: 1.0}  # optional; STAR and average default to 1/N; TIES also density
+    parameters: {eta: 40, lambda: 1.0, density: 0.2}   # a `weight` here is every model's default
+    dtype: bfloat16                # optional: mergekit's working dtype, also the default output dtype
+    out_dtype: bfloat16            # optional; default: `dtype`, else each tensor keeps the base's
     output_format: model           # model (default) | adapter (LoRA inputs only: one PEFT adapter)
+
+`dtype` means what it means in mergekit (the dtype tensors are merged in, and the output
+dtype unless `out_dtype` is set), except that star_dist never computes below float32:
+bfloat16 and float16 requests are computed in float32 and rounded once at the end, which is
+at least as exact. `dtype: float64` computes in float64.
 
 Execution settings (runtime, workers, shard size...) are not part of the merge's meaning,
 so they live in `RunOptions`, filled from CLI flags or keyword arguments.
@@ -19,6 +24,7 @@ so they live in `RunOptions`, filled from CLI flags or keyword arguments.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,9 +44,10 @@ DTYPE_NAMES = {
     "bf16": "BF16",
     "float64": "F64",
 }
-COMPUTE_DTYPES = ("float32", "float64")
 OUTPUT_FORMATS = ("model", "adapter")
 ENGINE_PARAMS = ("lambda", "weight")
+# mergekit keys accepted for compatibility: the tokenizer can only come from the base.
+TOKENIZER_SOURCES = (None, "base")
 DEFAULT_METHOD = "star"
 DEFAULT_LAMBDA = 1.0
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # "5GB", as transformers' save_pretrained
@@ -48,10 +55,14 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # "5GB", as transformers' save_pretrained
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One fine-tuned input: a model folder, a PEFT adapter folder, or a hub id."""
+    """One fine-tuned input: a model folder, a PEFT adapter folder, or a hub id.
+
+    `parameters` holds its own method parameters besides the weight (TIES: `density`).
+    """
 
     model: str
     weight: float | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,7 @@ class MergeConfig:
     base_model: str
     models: tuple[ModelSpec, ...]
     parameters: Mapping[str, Any] = field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str | None = None
     out_dtype: str | None = None
     output_format: str = "model"
 
@@ -70,20 +81,42 @@ class MergeConfig:
     def lambda_(self) -> float:
         return float(self.parameters.get("lambda", DEFAULT_LAMBDA))
 
+    @property
+    def compute_dtype(self) -> str:
+        """float64 when asked for; otherwise float32, the floor (half dtypes are upcast)."""
+        return "float64" if self.dtype is not None and DTYPE_NAMES[self.dtype] == "F64" else "float32"
+
+    @property
+    def output_dtype(self) -> str | None:
+        """The output dtype's name: out_dtype, else dtype (as mergekit), else None (the base's)."""
+        return self.out_dtype or self.dtype
+
+    def model_weights(self) -> list[float | None]:
+        """Each model's weight: its own, else the top-level `weight` (mergekit's default), else None."""
+        default = self.parameters.get("weight")
+        return [m.weight if m.weight is not None else (None if default is None else float(default))
+                for m in self.models]
+
     def method_params(self) -> dict[str, Any]:
         """Method-specific parameters (η, density): the global ones minus engine-owned keys."""
         return {k: v for k, v in self.parameters.items() if k not in ENGINE_PARAMS}
 
+    def model_method_params(self) -> list[dict[str, Any]]:
+        """Each model's own method parameters (TIES: density), empty where it gives none."""
+        return [dict(m.parameters) for m in self.models]
+
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data, in mergekit's layout (for the model card and the plan)."""
         out: dict[str, Any] = {"merge_method": self.merge_method, "base_model": self.base_model}
-        out["models"] = [
-            {"model": m.model, **({"parameters": {"weight": m.weight}} if m.weight is not None else {})}
-            for m in self.models
-        ]
+        models = []
+        for m in self.models:
+            params = {**({"weight": m.weight} if m.weight is not None else {}), **m.parameters}
+            models.append({"model": m.model, **({"parameters": params} if params else {})})
+        out["models"] = models
         if self.parameters:
             out["parameters"] = dict(self.parameters)
-        out["dtype"] = self.dtype
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
         if self.out_dtype is not None:
             out["out_dtype"] = self.out_dtype
         if self.output_format != "model":
@@ -99,7 +132,8 @@ class MergeConfig:
         problems: list[str] = []
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format"}
+        known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format",
+                 "tokenizer_source"}
         for key in data:
             if key not in known:
                 problems.append(f"unknown key {key!r} (valid: {', '.join(sorted(known))})")
@@ -121,12 +155,17 @@ class MergeConfig:
         if not isinstance(params, Mapping):
             problems.append("parameters must be a mapping")
             params = {}
-        dtype = str(data.get("dtype", "float32"))
-        if dtype not in COMPUTE_DTYPES:
-            problems.append(f"dtype {dtype!r}: computation runs in one of {', '.join(COMPUTE_DTYPES)}")
+        dtype = data.get("dtype")
+        if dtype is not None and str(dtype) not in DTYPE_NAMES:
+            problems.append(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
         out_dtype = data.get("out_dtype")
         if out_dtype is not None and str(out_dtype) not in DTYPE_NAMES:
             problems.append(f"out_dtype {out_dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        if data.get("tokenizer_source") not in TOKENIZER_SOURCES:
+            problems.append(
+                f"tokenizer_source {data.get('tokenizer_source')!r}: star_dist copies the base's tokenizer "
+                "files; use `tokenizer_source: base` or leave it out"
+            )
         output_format = str(data.get("output_format", "model"))
         if output_format not in OUTPUT_FORMATS:
             problems.append(f"output_format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
@@ -137,7 +176,7 @@ class MergeConfig:
             base_model=str(base),
             models=tuple(models),
             parameters=dict(params),
-            dtype=dtype,
+            dtype=None if dtype is None else str(dtype),
             out_dtype=None if out_dtype is None else str(out_dtype),
             output_format=output_format,
         )
@@ -150,13 +189,14 @@ class MergeConfig:
 
         problems: list[str] = []
         try:
-            get_method(self.merge_method, self.method_params())
+            get_method(self.merge_method, self.method_params(), self.model_method_params())
         except ConfigError as exc:
             problems.append(str(exc))
-        try:
-            float(self.parameters.get("lambda", DEFAULT_LAMBDA))
-        except (TypeError, ValueError):
-            problems.append(f"lambda {self.parameters.get('lambda')!r} is not a number")
+        for key in ENGINE_PARAMS:
+            if key in self.parameters:
+                problem = number_problem(self.parameters[key])
+                if problem:
+                    problems.append(f"parameters.{key} {self.parameters[key]!r} {problem}")
         if not self.models:
             problems.append("models: no models to merge")
         if problems:
@@ -186,7 +226,7 @@ class MergeConfig:
         return MergeConfig(
             merge_method=self.merge_method,
             base_model=fix(self.base_model),
-            models=tuple(ModelSpec(fix(m.model), m.weight) for m in self.models),
+            models=tuple(ModelSpec(fix(m.model), m.weight, m.parameters) for m in self.models),
             parameters=self.parameters,
             dtype=self.dtype,
             out_dtype=self.out_dtype,
@@ -194,22 +234,37 @@ class MergeConfig:
         )
 
 
+def number_problem(value: Any) -> str | None:
+    """Why `value` is not a finite number (None if it is one); numeric strings count."""
+    if isinstance(value, bool):
+        return "is a boolean, not a number"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "is not a number"
+    return None if math.isfinite(number) else "is not a finite number"
+
+
 def _parse_model_entry(entry: Any, index: int) -> tuple[ModelSpec | None, list[str]]:
+    """One `models:` item; per-model method parameters are checked later, against the method."""
     if isinstance(entry, str):
         return ModelSpec(entry), []
     if not isinstance(entry, Mapping) or "model" not in entry:
         return None, [f"models[{index}]: expected `model: <path or hub id>`"]
     params = entry.get("parameters") or {}
-    unknown = [k for k in params if k != "weight"]
-    problems = [f"models[{index}].parameters.{k}: unknown (only `weight` is per model)" for k in unknown]
+    if not isinstance(params, Mapping):
+        return None, [f"models[{index}].parameters: expected a mapping such as {{weight: 0.5}}, got {params!r}"]
+    problems = []
     weight = params.get("weight")
     if weight is not None:
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            problems.append(f"models[{index}].parameters.weight {weight!r} is not a number")
+        problem = number_problem(weight)
+        if problem:
+            problems.append(f"models[{index}].parameters.weight {weight!r} {problem}")
             weight = None
-    return ModelSpec(str(entry["model"]), weight), problems
+        else:
+            weight = float(weight)
+    own = {str(k): v for k, v in params.items() if k != "weight"}
+    return ModelSpec(str(entry["model"]), weight, own), problems
 
 
 _SIZE_UNITS = {

@@ -134,8 +134,8 @@ def _map_entries(
         match = _LORA_KEY.match(name)
         if match:
             factors.setdefault(match["module"], {})[match["which"]] = entry
-        else:  # modules_to_save or a trained bias: a full value for a base tensor
-            full[re.sub(r"\.modules_to_save(\.[^.]+)?", "", name)] = entry
+        else:  # modules_to_save or a trained bias (saved under the wrapped `base_layer`): a full value
+            full[re.sub(r"\.base_layer(?=\.)", "", re.sub(r"\.modules_to_save(\.[^.]+)?", "", name))] = entry
     sources: dict[str, LoraSource | TensorEntry] = {}
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     for module, pair in factors.items():

@@ -50,13 +50,16 @@ class TensorMerger:
         self.lambda_ = lambda_
         self.reader = reader
         self.device = device
-        self.dtype = COMPUTE_DTYPES[compute_dtype]
+        self.config_dtype = COMPUTE_DTYPES[compute_dtype]
+        self.dtype = self.config_dtype
 
     def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
         """The merged tensor in its output dtype (on the CPU) and its report entry."""
         start = time.perf_counter()
         if not job.merge:  # non-float: checked identical in plan, copied from the base
             return self.reader.read(job.base), {"method": "copy"}
+        # Never compute below the inputs' precision: float64 tensors stay float64.
+        self.dtype = torch.float64 if job.base.dtype == "F64" else self.config_dtype
         base = self._load(job.base, job.name)  # (shape), compute dtype
         if isinstance(self.method, StreamingMethod):
             merged, per_model = self._merge_streaming(job, base)
@@ -79,6 +82,7 @@ class TensorMerger:
         """The merged update λ Σ_i w_i f(τ_i) of one LoRA-adapted module as PEFT factors
         (lora_B (out, R), lora_A (R, in)) with R = Σ kept ranks: exact, never formed densely."""
         start = time.perf_counter()
+        self.dtype = self.config_dtype
         lefts, rights, per_model = [], [], []
         for weight, src in zip(self.weights, job.models, strict=True):
             if src is None:
@@ -127,9 +131,9 @@ class TensorMerger:
     def _merge_joint(self, job: TensorJob, base: torch.Tensor) -> torch.Tensor:
         assert isinstance(self.method, JointMethod)
         prepared = []
-        for src in job.models:  # pass 1: per-model statistics of whole task vectors
+        for i, src in enumerate(job.models):  # pass 1: per-model statistics of whole task vectors
             tau = self._task_vector(src, base, job.name)
-            prepared.append(self.method.prepare(dense(tau) if tau is not None else torch.zeros_like(base)))
+            prepared.append(self.method.prepare(dense(tau) if tau is not None else torch.zeros_like(base), i))
             del tau
         if base.dim() == 0:
             blocks = [None]
@@ -137,10 +141,12 @@ class TensorMerger:
             rows = base.shape[0]
             step = max(1, (JOINT_BLOCK_COPIES * rows) // max(len(job.models), 1))
             blocks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+        row_numel = base[0].numel() if base.dim() > 0 else 1
         for block in blocks:  # pass 2: the same rows of every model
             base_block = base if block is None else base[block[0] : block[1]]
             taus = [self._task_vector_block(src, base_block, job.name, block) for src in job.models]
-            update = self.method.merge_block(taus, list(self.weights), prepared)
+            offset = 0 if block is None else block[0] * row_numel
+            update = self.method.merge_block(taus, list(self.weights), prepared, offset)
             base_block.add_(update, alpha=self.lambda_)
         return base
 

@@ -5,6 +5,7 @@ Layout of a finished merge:
     config.json, tokenizer and generation files (copied from the base)
     README.md (model card), merge_report.json
     .star_dist/plan.json, .star_dist/shards/<shard>.json (manifests; what makes resume work)
+    .star_dist_replaced/ (only while an --overwrite run is unfinished: the previous contents)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .errors import OutputError
 from .safetensors_format import fsync_dir
 
 STATE_DIR = ".star_dist"
+# Where --overwrite keeps the folder's previous contents until the new merge is complete.
+REPLACED_DIR = ".star_dist_replaced"
 INDEX_FILE = "model.safetensors.index.json"
 # Non-weight files a merged model needs, copied from the base as they are.
 COPIED_PATTERNS = (
@@ -82,8 +85,11 @@ def claim_output_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
     """Make `out_dir` ours. Returns True when resuming an earlier run of the same plan.
 
     An empty or missing folder is used; a folder holding an unfinished or finished run of
-    the same plan is resumed; anything else is refused unless `overwrite`, which clears it.
-    Called only after the plan validated, so bad input never touches the folder.
+    the same plan is resumed; anything else is refused unless `overwrite`. Overwriting moves
+    the old contents aside into REPLACED_DIR (renames, no copy) instead of deleting them:
+    they come back if this run fails on bad data (`release_output_dir`) and are deleted only
+    once the new merge is complete (`drop_replaced`). Called only after the plan validated,
+    so bad input never touches the folder.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
@@ -96,17 +102,13 @@ def claim_output_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
         except (OSError, ValueError):
             resuming = False
         if not resuming and not overwrite:
+            shown = [e for e in entries if e != REPLACED_DIR] or entries
             raise OutputError(
-                f"{out_dir}: output folder is not empty ({len(entries)} entries, e.g. {entries[0]!r}); "
+                f"{out_dir}: output folder is not empty ({len(entries)} entries, e.g. {shown[0]!r}); "
                 "pass --overwrite to replace its contents, or choose another folder"
             )
         if not resuming:
-            for name in entries:
-                target = out_dir / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink()
+            _set_aside(out_dir, [name for name in entries if name != REPLACED_DIR])
     for stale in out_dir.glob("*.tmp") if out_dir.exists() else []:
         stale.unlink()  # a killed run's partial shard: never under a final name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,16 +116,48 @@ def claim_output_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
     return resuming
 
 
+def _set_aside(out_dir: Path, names: list[str]) -> None:
+    """Move `names` into REPLACED_DIR. If it exists already, an earlier --overwrite run was
+    interrupted: it holds the folder's original contents, and `names` are that run's partial
+    output, which is deleted instead."""
+    aside = out_dir / REPLACED_DIR
+    if aside.exists():
+        for name in names:
+            _remove(out_dir / name)
+        return
+    aside.mkdir()
+    for name in names:
+        os.replace(out_dir / name, aside / name)
+    fsync_dir(out_dir)
+
+
+def _remove(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+
+
 def release_output_dir(out_dir: Path, remove_folder: bool) -> None:
-    """Undo a fresh run's writes: empty the folder this run claimed (or remove it)."""
+    """Undo a fresh run's writes: empty the folder this run claimed, put back what an
+    --overwrite set aside, and remove the folder if this run created it."""
     if remove_folder:
         shutil.rmtree(out_dir, ignore_errors=True)
         return
     for target in out_dir.iterdir():
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        else:
-            target.unlink()
+        if target.name != REPLACED_DIR:
+            _remove(target)
+    aside = out_dir / REPLACED_DIR
+    if aside.is_dir():
+        for entry in aside.iterdir():
+            os.replace(entry, out_dir / entry.name)
+        aside.rmdir()
+        fsync_dir(out_dir)
+
+
+def drop_replaced(out_dir: Path) -> None:
+    """After a complete merge: delete what --overwrite set aside."""
+    shutil.rmtree(out_dir / REPLACED_DIR, ignore_errors=True)
 
 
 def write_index(out_dir: Path, manifests: list[dict[str, Any]], total_size: int) -> None:

@@ -22,6 +22,7 @@ from .errors import ConfigError, InputError
 from .inputs import FullInput, LoraAdapter, LoraSource, open_input
 from .lora import ADAPTER_FILE
 from .methods import MergeMethod, get_method
+from .output import package_version
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
 Source = TensorEntry | LoraSource | None  # None: an adapter that does not touch this tensor
@@ -60,6 +61,7 @@ class ShardJob:
     tensors: tuple[TensorJob, ...]
     method: str
     method_params: tuple[tuple[str, Any], ...]
+    model_params: tuple[tuple[tuple[str, Any], ...], ...]  # each model's own (TIES: density)
     weights: tuple[float, ...]
     lambda_: float
     compute_dtype: str
@@ -134,11 +136,13 @@ def natural_key(name: str) -> list[Any]:
 
 def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> MergePlan:
     """Index every input from its headers, check they agree, and cut the output into shards."""
-    method = get_method(config.merge_method, config.method_params())
+    method = get_method(config.merge_method, config.method_params(), config.model_method_params())
     base = Checkpoint.open(config.base_model)
     inputs = [open_input(m.model, base) for m in config.models]
-    weights = tuple(method.resolve_weights([m.weight for m in config.models]))
-    out_dtype_code = DTYPE_NAMES[config.out_dtype] if config.out_dtype else None
+    weights = tuple(method.resolve_weights(config.model_weights()))
+    out_dtype_code = DTYPE_NAMES[config.output_dtype] if config.output_dtype else None
+    if out_dtype_code:
+        _check_base_config(base)
 
     if config.output_format == "adapter":
         check_adapter_output(config, method, inputs)
@@ -174,9 +178,10 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
             tensors=tuple(tensors),
             method=config.merge_method,
             method_params=tuple(sorted(config.method_params().items())),
+            model_params=tuple(tuple(sorted(p.items())) for p in config.model_method_params()),
             weights=weights,
             lambda_=config.lambda_,
-            compute_dtype=config.dtype,
+            compute_dtype=config.compute_dtype,
             out_dir=str(Path(out_dir).resolve()),
             threads=options.threads_per_worker,
             device=options.device,
@@ -230,6 +235,19 @@ def check_adapter_output(config: MergeConfig, method: MergeMethod, inputs: list[
         layouts.add(bool(inp.config.get("fan_in_fan_out")))
     if len(layouts) > 1:
         raise InputError("output_format adapter: the adapters disagree on fan_in_fan_out")
+
+
+def _check_base_config(base: Checkpoint) -> None:
+    """A changed output dtype is recorded in the base's config.json: it must parse."""
+    path = base.folder / "config.json"
+    if not path.exists():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); it is copied to the output with its dtype updated") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
 
 
 def _as_adapter_job(job: TensorJob, out_dtype_code: str | None) -> TensorJob:
@@ -331,13 +349,17 @@ def _fingerprint(
     inputs: list[Any],
     groups: list[list[TensorJob]],
 ) -> str:
-    """What the output bytes depend on: config, numerics settings, input files, shard layout."""
+    """What the output bytes depend on: config, numerics settings, input files, shard layout,
+    and star_dist's version. A file counts as unchanged while its size, mtime and ctime are:
+    hashing terabytes of inputs on every resume would cost more than the merge, and ctime,
+    unlike mtime, cannot be set back by hand after an in-place edit."""
     files: dict[str, Any] = {}
     for entry in [*base.tensors.values(), *(e for inp in inputs for e in inp.entries())]:
         if entry.file not in files:
             st = Path(entry.file).stat()
-            files[entry.file] = [st.st_size, st.st_mtime_ns]
+            files[entry.file] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
     payload = {
+        "star_dist": package_version(),
         "config": config.to_dict(),
         "threads": options.threads_per_worker,
         "device": options.device,

@@ -73,7 +73,7 @@ def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
         "## Parameters",
         "",
         *(f"- `{k}`: {v}" for k, v in params.items()),
-        f"- computation dtype: {config.dtype}; output dtype: {config.out_dtype or 'as the base'}",
+        f"- computation dtype: {config.compute_dtype}; output dtype: {config.output_dtype or 'as the base'}",
         "",
     ]
     ranks = [

@@ -13,7 +13,15 @@ from typing import Any
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import StarDistError
 from .lora import merged_adapter_config
-from .output import check_output_apart, claim_output_dir, copy_base_files, release_output_dir, write_atomic, write_index
+from .output import (
+    check_output_apart,
+    claim_output_dir,
+    copy_base_files,
+    drop_replaced,
+    release_output_dir,
+    write_atomic,
+    write_index,
+)
 from .plan import MergePlan, ShardJob, build_plan
 from .progress import Progress
 from .report import merge_report, model_card, write_report
@@ -57,6 +65,7 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> 
             release_output_dir(plan.out_dir, remove_folder=not existed)
         raise
     report = finalize(plan, manifests)
+    drop_replaced(plan.out_dir)  # the new merge is complete: the overwritten contents can go
     files = sorted(p.name for p in plan.out_dir.iterdir() if p.is_file())
     return MergeResult(plan.out_dir, files, len(plan.shards), len(done), report)
 
@@ -85,7 +94,7 @@ def finalize(plan: MergePlan, manifests: list[Manifest]) -> dict[str, Any]:
         config = merged_adapter_config(plan.inputs[0].config, ranks, plan.config.base_model)
         write_atomic(out / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
     else:
-        out_dtype = DTYPE_NAMES[plan.config.out_dtype] if plan.config.out_dtype else None
+        out_dtype = DTYPE_NAMES[plan.config.output_dtype] if plan.config.output_dtype else None
         copy_base_files(plan.base.folder, out, out_dtype)
     write_report(out, report)
     write_atomic(out / "README.md", model_card(plan, report).encode())

@@ -19,7 +19,7 @@ import torch
 
 from .lora import PEFT_PREFIX
 from .merge_tensor import TensorMerger, resolve_device
-from .methods import get_method
+from .methods import MergeMethod, get_method
 from .output import manifest_path, write_atomic
 from .plan import ShardJob
 from .safetensors_format import TORCH_TO_CODE, StreamingShardWriter, TensorReader, sha256_file
@@ -52,7 +52,7 @@ def merge_shard(
     if job.output_format == "adapter":
         return _merge_adapter(job, start, worker)
     out_dir = Path(job.out_dir)
-    method = get_method(job.method, dict(job.method_params))
+    method = method_of(job)
     device = resolve_device(job.device)
     writer = StreamingShardWriter(
         out_dir / job.file_name, [(t.name, t.out_dtype, t.shape) for t in job.tensors]
@@ -72,6 +72,11 @@ def merge_shard(
         writer.abort()
         raise
     return _finish(job, size, sha256, report, start, worker)
+
+
+def method_of(job: ShardJob) -> MergeMethod:
+    """The job's merge method, with its global and per-model parameters."""
+    return get_method(job.method, dict(job.method_params), [dict(p) for p in job.model_params])
 
 
 def _finish(
@@ -94,7 +99,7 @@ def _finish(
 def _merge_adapter(job: ShardJob, start: float, worker: dict[str, Any] | None) -> Manifest:
     """One PEFT adapter file: every module's merged factors. Ranks are known only after
     STAR, so the (small) factors are computed first and then written with their header."""
-    method = get_method(job.method, dict(job.method_params))
+    method = method_of(job)
     factors: list[tuple[str, torch.Tensor]] = []
     report: dict[str, Any] = {}
     with torch_threads(job.threads), TensorReader() as reader:

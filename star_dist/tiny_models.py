@@ -144,7 +144,6 @@ def make_tiny_merge(
         "base_model": "base",
         "models": [{"model": f"ft{i}"} for i in range(n_models)],
         "parameters": {"eta": 40} if method == "star" else {},
-        "dtype": "float32",
     }
     path = folder / "merge.yaml"
     header = f"# star-dist merge {path} OUT   (paths are relative to this file)\n"

@@ -26,6 +26,11 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half inputs; float64 stays float64 (as the engine computes)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def star_truncate(tau: torch.Tensor, eta: float) -> torch.Tensor:
     """STAR on one task vector: full SVD, keep the smallest r reaching η% of Σσ, rescale."""
     if tau.dim() != 2:
@@ -41,16 +46,16 @@ def star_truncate(tau: torch.Tensor, eta: float) -> torch.Tensor:
 
 
 def star(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 40, lam: float = 1.0) -> torch.Tensor:
-    taus = [star_truncate(ft.float() - base.float(), eta) for ft in fts]
-    return base.float() + lam * torch.stack(taus).mean(0)
+    taus = [star_truncate(upcast(ft) - upcast(base), eta) for ft in fts]
+    return upcast(base) + lam * torch.stack(taus).mean(0)
 
 
 def task_arithmetic(base: torch.Tensor, fts: list[torch.Tensor], weights: list[float], lam: float) -> torch.Tensor:
-    return base.float() + lam * sum(w * (ft.float() - base.float()) for w, ft in zip(weights, fts, strict=True))
+    return upcast(base) + lam * sum(w * (upcast(ft) - upcast(base)) for w, ft in zip(weights, fts, strict=True))
 
 
 def average(fts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([ft.float() for ft in fts]).mean(0)
+    return torch.stack([upcast(ft) for ft in fts]).mean(0)
 
 
 def ties(base: torch.Tensor, fts: list[torch.Tensor], density: float, lam: float = 1.0) -> torch.Tensor:
@@ -58,11 +63,11 @@ def ties(base: torch.Tensor, fts: list[torch.Tensor], density: float, lam: float
     mean over the models that agree with the elected sign."""
     trimmed = []
     for ft in fts:
-        tau = ft.float() - base.float()
+        tau = upcast(ft) - upcast(base)
         k = int(density * tau.numel())
         mask = torch.zeros(tau.numel(), dtype=torch.bool)
-        if k > 0:
-            mask[tau.abs().flatten().topk(k).indices] = True
+        if k > 0:  # the k largest |τ|; equal magnitudes taken in flat order (a stable sort)
+            mask[torch.argsort(tau.abs().flatten(), descending=True, stable=True)[:k]] = True
         trimmed.append(tau * mask.view(tau.shape))
     stacked = torch.stack(trimmed)  # (N, ...)
     sign = torch.sign(stacked.sum(0))
@@ -70,4 +75,4 @@ def ties(base: torch.Tensor, fts: list[torch.Tensor], density: float, lam: float
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
     count = agree.sum(0).clamp(min=1)
     merged = (stacked * agree).sum(0) / count
-    return base.float() + lam * merged
+    return upcast(base) + lam * merged

@@ -215,3 +215,36 @@ def test_output_overlapping_an_input_is_refused(tiny_copy: Path, where: str) -> 
     assert "output folder" in result.stderr and "input folder" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert snapshot(tiny_copy) == before
+
+
+def test_overwrite_keeps_the_old_output_when_the_new_merge_fails(tiny_copy: Path, tmp_path: Path) -> None:
+    """--overwrite sets the old contents aside; bad data met mid-merge puts them back."""
+    out = tmp_path / "out"
+    result = run_cli("merge", str(tiny_copy / "merge.yaml"), str(out), "--runtime", "local", "-q")
+    assert result.returncode == 0, result.stderr
+    before = snapshot(out)
+    _nan(tiny_copy)  # a NaN deep inside ft2: found only while merging
+    result = run_cli("merge", str(tiny_copy / "merge.yaml"), str(out), "--runtime", "local", "--overwrite", "-q")
+    assert result.returncode == 2 and "NaN" in result.stderr, result.stderr
+    assert snapshot(out) == before  # every byte of the earlier merge is back
+    result = run_cli("merge", str(tiny_copy / "merge.yaml"), str(out), "--runtime", "local", "--overwrite",
+                     "-q", "--model", str(tiny_copy / "ft0"), "--model", str(tiny_copy / "ft1"))
+    assert result.returncode == 0, result.stderr
+    assert not (out / ".star_dist_replaced").exists()  # set-aside contents go once the merge is done
+
+
+def test_method_flag_drops_the_files_parameters_for_another_method(tiny_fp32: Path, tmp_path: Path) -> None:
+    result = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "out"), "--runtime", "local", "-q",
+                     "--method", "ties", "--density", "0.5")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["merge_method"] == "ties" and report["parameters"] == {"density": 0.5}
+
+
+def test_corrupt_base_config_with_out_dtype_fails_in_plan(tiny_copy: Path, tmp_path: Path) -> None:
+    (tiny_copy / "base" / "config.json").write_text("{not json")
+    result = run_cli("merge", str(tiny_copy / "merge.yaml"), str(tmp_path / "out"), "--runtime", "local",
+                     "--out-dtype", "float16")
+    assert result.returncode == 2 and "config.json" in result.stderr and "not valid JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -73,3 +73,49 @@ def test_parse_size() -> None:
     assert parse_size(1234) == 1234
     with pytest.raises(ConfigError, match="e.g. 5GB"):
         parse_size("5 parsecs")
+
+
+def test_mergekit_ties_yaml_runs_unchanged(tmp_path: Path) -> None:
+    """The keys of a typical mergekit TIES config, with mergekit's meaning for each."""
+    path = tmp_path / "ties.yaml"
+    path.write_text(
+        "models:\n  - model: a\n    parameters: {density: 0.5, weight: 0.5}\n  - model: b\n"
+        "    parameters: {density: 0.3}\nmerge_method: ties\nbase_model: base\n"
+        "parameters: {weight: 0.8, normalize: true, int8_mask: true}\ndtype: bfloat16\n"
+        "tokenizer_source: base\n"
+    )
+    config = MergeConfig.from_yaml(path)
+    assert config.model_weights() == [0.5, 0.8]  # a top-level weight is every model's default
+    assert config.model_method_params() == [{"density": 0.5}, {"density": 0.3}]
+    assert config.method_params() == {"normalize": True, "int8_mask": True}
+    assert config.output_dtype == "bfloat16" and config.compute_dtype == "float32"  # never below float32
+    assert MergeConfig.from_dict(config.to_dict()) == config
+
+
+def test_dtype_is_the_default_output_dtype() -> None:
+    def cfg(**extra: object) -> MergeConfig:
+        return MergeConfig.from_dict({"base_model": "b", "models": ["m"], **extra})
+
+    assert cfg().output_dtype is None and cfg().compute_dtype == "float32"
+    assert cfg(dtype="float32").output_dtype == "float32"
+    assert cfg(dtype="float64").compute_dtype == "float64"
+    assert cfg(dtype="bfloat16", out_dtype="float16").output_dtype == "float16"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"parameters": {"lambda": float("nan")}}, "parameters.lambda nan is not a finite number"),
+        ({"parameters": {"lambda": True}}, "parameters.lambda True is a boolean"),
+        ({"parameters": {"weight": "x"}}, "parameters.weight 'x' is not a number"),
+        ({"models": [{"model": "m", "parameters": {"weight": float("inf")}}]}, "is not a finite number"),
+        ({"models": [{"model": "m", "parameters": 0.5}]}, "models[0].parameters: expected a mapping"),
+        ({"models": [{"model": "m", "parameters": {"eta": 30}}]}, "'eta' cannot be set per model for star"),
+        ({"tokenizer_source": "union"}, "tokenizer_source 'union'"),
+        ({"merge_method": "ties", "parameters": {"normalize": "yes"}}, "normalize must be true or false"),
+    ],
+)
+def test_bad_engine_and_per_model_values(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        MergeConfig.from_dict({"base_model": "b", "models": ["m"], **data})
+    assert message in str(info.value)

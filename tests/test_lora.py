@@ -210,3 +210,32 @@ def test_adapter_for_another_architecture_fails_in_plan(lora_models: Path, tmp_p
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "adapter_model.safetensors" in lines[0] and "another architecture" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_adapters_with_trained_biases(tmp_path: Path, bias: str) -> None:
+    """PEFT saves trained biases under the wrapped `base_layer`; they are full task vectors."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias=bias,
+                        init_lora_weights=False),
+    )
+    with torch.no_grad():  # make the trained biases differ from the base's
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_" not in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "lora")
+    peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "lora"
+    ).merge_and_unload().save_pretrained(tmp_path / "full")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "models": [str(tmp_path / "lora")]}
+    star_dist.merge(cfg, tmp_path / "out", quiet=True)
+    merged, full = load_folder(tmp_path / "out"), load_folder(tmp_path / "full")
+    assert any(not torch.equal(full[n], load_folder(tmp_path / "base")[n]) for n in full if n.endswith(".bias"))
+    for name, value in full.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6, msg=name)

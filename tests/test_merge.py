@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import star_dist
 from star_dist.safetensors_format import read_header
@@ -194,3 +195,35 @@ def test_same_bytes_whatever_the_shard_order(tiny_fp32: Path, tmp_path: Path) ->
     for job in reversed(plan.shards):
         merge_shard(job)
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+
+
+def test_top_level_weight_and_dtype_as_mergekit(tiny_bf16: Path, tmp_path: Path) -> None:
+    """parameters.weight is each model's default weight; dtype sets the output dtype."""
+    cfg = {**_config(tiny_bf16, "task_arithmetic", weight=0.3), "dtype": "float32"}
+    cfg["models"][0]["parameters"] = {"weight": 1.0}
+    star_dist.merge(cfg, tmp_path / "out", quiet=True)
+    merged = load_folder(tmp_path / "out")
+    base, fts = _inputs(tiny_bf16)
+    for name in base:
+        assert merged[name].dtype == torch.float32, name
+        expected = task_arithmetic(base[name], [ft[name] for ft in fts], [1.0, 0.3, 0.3], 1.0)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_float64_merges_stay_float64(tmp_path: Path) -> None:
+    """dtype float64: STAR and TIES compute in float64 end to end (no float32 step)."""
+    make_tiny_merge(tmp_path / "m", n_models=2, dtype="float32", seed=3)
+    for folder in ("base", "ft0", "ft1"):  # re-save as float64 checkpoints
+        path = tmp_path / "m" / folder / "model.safetensors"
+        tensors = {k: v.double() if v.is_floating_point() else v for k, v in load_folder(path.parent).items()}
+        save_file(tensors, str(path))
+    base, fts = _inputs(tmp_path / "m", n=2)
+    for method, reference in (("star", lambda b, f: star(b.double(), [x.double() for x in f])),
+                              ("ties", lambda b, f: ties(b.double(), [x.double() for x in f], 0.2))):
+        out = tmp_path / method
+        star_dist.merge({**_config(tmp_path / "m", method, n=2), "dtype": "float64"}, out, quiet=True)
+        merged = load_folder(out)
+        for name in base:
+            expected = reference(base[name], [ft[name] for ft in fts])
+            assert merged[name].dtype == torch.float64, name
+            torch.testing.assert_close(merged[name], expected.double(), rtol=1e-12, atol=1e-12, msg=(method, name))

@@ -222,7 +222,6 @@ def bench_end_to_end(args: argparse.Namespace, shape: TinyShape, work: Path) -> 
         "base_model": str(work / "base"),
         "models": [{"model": str(f)} for f in adapters],
         "parameters": {"eta": ETA},
-        "dtype": "float32",
     }
     plan = star_dist.plan(config, work / "merged")
     run = run_merge_child({"config": config, "out": str(work / "merged")})

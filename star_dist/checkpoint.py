@@ -43,6 +43,9 @@ def index_folder(folder: Path) -> dict[str, TensorEntry]:
     if single.exists():
         tensors, _ = read_header(single)
         return tensors
+    if is_adapter_folder(folder):  # its adapter_model.safetensors must not pass for the model
+        hint = " (this is a PEFT adapter folder, which is not a base model)"
+        raise InputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found{hint}")
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     if len(found) == 1:  # a lone file with another name (some exports do this)
         tensors, _ = read_header(folder / found[0])
@@ -50,20 +53,15 @@ def index_folder(folder: Path) -> dict[str, TensorEntry]:
     hint = ""
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         hint = " (pickle checkpoints are not read: re-save with save_pretrained(safe_serialization=True))"
-    if (folder / ADAPTER_CONFIG).exists():
-        hint = " (this is a PEFT adapter folder, which is not a base model)"
     raise InputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found{hint}")
 
 
 def _index_sharded(index_path: Path) -> dict[str, TensorEntry]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{index_path}: corrupt index ({exc.__class__.__name__}: {exc})") from None
+    weight_map = _read_weight_map(index_path)
     tensors: dict[str, TensorEntry] = {}
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
-        by_file.setdefault(file, []).append(name)
+        by_file.setdefault(_shard_file(index_path, name, file), []).append(name)
     for file, names in sorted(by_file.items()):
         path = index_path.parent / file
         if not path.exists():
@@ -76,8 +74,57 @@ def _index_sharded(index_path: Path) -> dict[str, TensorEntry]:
     return tensors
 
 
+def _read_weight_map(index_path: Path) -> dict[str, object]:
+    """The index's `weight_map`: a JSON object of tensor name -> shard file."""
+    try:
+        index = json.loads(index_path.read_text())
+    except OSError as exc:
+        raise InputError(f"{index_path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"{index_path}: corrupt index (not JSON: {first_line[:200]})") from None
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise InputError(f'{index_path}: corrupt index (not a JSON object with a "weight_map" key)')
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise InputError(
+            f"{index_path}: corrupt index (weight_map is a JSON {_json_kind(weight_map)}, "
+            "not an object mapping tensor names to shard files)"
+        )
+    if not weight_map:
+        raise InputError(f"{index_path}: corrupt index (weight_map lists no tensor)")
+    return weight_map
+
+
+def _shard_file(index_path: Path, name: str, file: object) -> str:
+    """A weight_map value, checked: a file name inside the model folder (as transformers
+    reads it). Checked on the text, not the resolved path, so a hub cache's symlinks to
+    its blobs folder stay valid."""
+    if not isinstance(file, str) or not file or "\0" in file:
+        raise InputError(
+            f"{index_path}: corrupt index (tensor {name!r} maps to {json.dumps(file)[:80]}, not a shard file name)"
+        )
+    normal = os.path.normpath(file)
+    if os.path.isabs(file) or file.startswith(("/", "\\")) or normal == ".." or normal.startswith(".." + os.sep):
+        raise InputError(
+            f"{index_path}: tensor {name!r} maps to {file!r}, which is outside the model folder; "
+            "shard files must be named relative to the folder that holds the index, inside it"
+        )
+    if normal == ".":
+        raise InputError(f"{index_path}: corrupt index (tensor {name!r} maps to {file!r}, not a shard file name)")
+    return normal
+
+
+def _json_kind(value: object) -> str:
+    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"))
+    return "null" if value is None else next((k for t, k in kinds if isinstance(value, t)), type(value).__name__)
+
+
 def is_adapter_folder(folder: Path) -> bool:
-    return (folder / ADAPTER_CONFIG).exists() and not (folder / "config.json").exists()
+    """A PEFT adapter folder: adapter_config.json and no model weights. Some hub repos ship
+    the base's config.json beside the adapter, so that file does not make it a model."""
+    has_weights = (folder / SINGLE_FILE).exists() or (folder / INDEX_FILE).exists()
+    return (folder / ADAPTER_CONFIG).exists() and not has_weights
 
 
 def resolve_model_folder(source: str) -> Path:

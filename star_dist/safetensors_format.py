@@ -39,6 +39,10 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 TORCH_TO_CODE = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
+# Every dtype the safetensors format defines; those outside DTYPES are valid but not merged.
+SAFETENSORS_DTYPES = frozenset(DTYPES) | {
+    "F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "U16", "U32", "U64", "C64",
+}
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # the safetensors library's own limit
 
 
@@ -94,27 +98,73 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
         raise InputError(f"{path}: corrupt safetensors header (not JSON); re-download or re-save it") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _parse_metadata(path, header.pop("__metadata__", None))
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         entries[name] = _parse_entry(path, name, info, data_start, size)
+    _check_layout(path, entries, data_start, size)
     return entries, metadata
 
 
+def _json(value: object, limit: int = 80) -> str:
+    """A header value as it reads in the file, on one line and cut short."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (the spec's usize; true/false and 4.0 are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
+    """`__metadata__`: absent, null, or a mapping of strings to strings (as safetensors requires)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InputError(
+            f"{path}: corrupt safetensors header: __metadata__ is {_json(metadata)}, not an object of strings"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise InputError(
+                f"{path}: corrupt safetensors header: __metadata__ key {key!r} is {_json(value)}, not a string"
+            )
+    return metadata
+
+
 def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise InputError(f"{path}: tensor {name!r}: corrupt header entry {info!r}")
-    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    """One tensor's header entry, checked as the safetensors format requires."""
+    where = f"{path}: tensor {name!r}: corrupt header entry"
+    if not isinstance(info, dict):
+        raise InputError(f"{where} {_json(info)} (expected an object with dtype, shape and data_offsets)")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise InputError(f"{where} {_json(info)} (no {key!r})")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise InputError(f"{where}: dtype {_json(dtype)} is not a string")
     if dtype not in DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{where}: dtype {_json(dtype)} is not a safetensors dtype")
         raise InputError(
             f"{path}: tensor {name!r} has dtype {dtype}, which star_dist does not support "
             f"(supported: {', '.join(DTYPES)}); convert the checkpoint first"
         )
-    entry = TensorEntry(str(path), dtype, shape, data_start + begin, end - begin)
-    if entry.numel * DTYPES[dtype][1] != end - begin or begin > end:
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise InputError(f"{where}: shape {_json(shape)} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
         raise InputError(
-            f"{path}: tensor {name!r}: header says shape {list(shape)} {dtype} "
+            f"{where}: data_offsets {_json(offsets)} is not a list of two non-negative integers [begin, end]"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise InputError(f"{where}: data_offsets {_json(offsets)} begins after it ends")
+    entry = TensorEntry(str(path), dtype, tuple(shape), data_start + begin, end - begin)
+    if entry.numel * DTYPES[dtype][1] != end - begin:
+        raise InputError(
+            f"{path}: tensor {name!r}: header says shape {shape} {dtype} "
             f"({entry.numel * DTYPES[dtype][1]} bytes) but gives {end - begin} bytes"
         )
     if data_start + end > size:
@@ -123,6 +173,38 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int
             "the file is truncated; re-download or re-save it"
         )
     return entry
+
+
+def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, size: int) -> None:
+    """The tensors tile the data buffer exactly: no overlap, no gap, nothing after the last.
+
+    This is the safetensors library's own rule (sorted by offsets, each tensor begins where
+    the previous one ends, the last ends at the end of the file), so a file passing here is
+    one `safetensors.safe_open` and transformers accept. Empty tensors take no bytes and may
+    share an offset.
+    """
+    spans = sorted((e.start - data_start, e.start - data_start + e.nbytes, name) for name, e in entries.items())
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise InputError(
+                f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) overlaps tensor {prev!r}, "
+                f"which ends at {pos}: the file is corrupt; re-download or re-save it"
+            )
+        if begin > pos:
+            raise InputError(
+                f"{path}: tensor {name!r} begins at data offset {begin}, but the tensors before it end at {pos}: "
+                f"bytes {pos}..{begin} belong to no tensor, which safetensors refuses; re-save the file"
+            )
+        pos, prev = end, name
+    extra = size - data_start - pos
+    if extra:
+        count = f"{extra} byte{'s' if extra != 1 else ''}"
+        if prev is None:
+            what = f"the data buffer has {count} but the header lists no tensor"
+        else:
+            what = f"the data buffer has {count} after the last tensor ({prev!r}, ending at data offset {pos})"
+        raise InputError(f"{path}: {what}, which safetensors refuses; re-download or re-save the file")
 
 
 class TensorReader:

@@ -33,6 +33,39 @@ def test_reads_what_safetensors_writes(tmp_path: Path) -> None:
         assert torch.equal(reader.read(entries["a"], rows=(1, 4)), tensors["a"][1:4])
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        torch.tensor(2.5),
+        torch.tensor(True),
+        torch.zeros(0),
+        torch.zeros(3, 0, 2, dtype=torch.bfloat16),
+        torch.tensor([True, False, True]),
+        torch.arange(5, dtype=torch.uint8),
+        torch.arange(5, dtype=torch.int8) - 2,
+        torch.arange(5, dtype=torch.int16) - 2,
+        torch.arange(5, dtype=torch.int32) - 2,
+        torch.arange(6, dtype=torch.int64).view(3, 2) - 2,
+        torch.randn(2, 3, dtype=torch.float64),
+        torch.randn(2, 3).to(torch.bfloat16),
+        torch.randn(2, 3).to(torch.float16),
+    ],
+    ids=lambda v: f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}",
+)
+def test_every_supported_dtype_and_shape_reads_back(tmp_path: Path, value: torch.Tensor) -> None:
+    """What save_file writes passes every header check (with a second tensor after it)."""
+    path = tmp_path / "x.safetensors"
+    tensors = {"t": value, "after": torch.ones(2)}
+    save_file(tensors, str(path), metadata={"format": "pt", "note": "x"})
+    entries, meta = read_header(path)
+    assert meta == {"format": "pt", "note": "x"}
+    assert entries["t"].shape == tuple(value.shape) and entries["t"].nbytes == value.numel() * value.element_size()
+    with TensorReader() as reader:
+        for name, expected in tensors.items():
+            got = reader.read(entries[name])
+            assert got.dtype == expected.dtype and torch.equal(got, expected), name
+
+
 def test_streaming_writer_output_loads_with_safetensors(tmp_path: Path) -> None:
     values = {"w": torch.randn(4, 3).to(torch.bfloat16), "n": torch.randn(4), "ids": torch.arange(4)}
     layout = [("w", "BF16", (4, 3)), ("n", "F32", (4,)), ("ids", "I64", (4,))]
@@ -75,6 +108,17 @@ def _raw_file(path: Path, header: dict, data: bytes) -> None:
          "tensor 'w': header says shape \\[4\\] F32 \\(16 bytes\\) but gives 12"),
         (lambda p: _raw_file(p, {"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4),
          "tensor 'w' has dtype F8_E4M3, which star_dist does not support"),
+        (lambda p: _raw_file(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [4]}}, b"\0" * 16),
+         "tensor 'w': corrupt header entry: data_offsets \\[4\\] is not a list of two"),
+        (lambda p: _raw_file(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                 "v": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16),
+         "tensor 'v' \\(data_offsets \\[8, 16\\]\\) overlaps tensor 'w', which ends at 16"),
+        (lambda p: _raw_file(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [4, 20]}}, b"\0" * 20),
+         "tensor 'w' begins at data offset 4, .* bytes 0..4 belong to no tensor"),
+        (lambda p: _raw_file(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 17),
+         "has 1 byte after the last tensor \\('w'"),
+        (lambda p: _raw_file(p, {}, b"\0" * 8), "8 bytes but the header lists no tensor"),
+        (lambda p: _raw_file(p, {"__metadata__": {"a": {"b": "c"}}}, b""), "__metadata__ key 'a' is"),
     ],
 )
 def test_corrupt_files_name_the_file_and_the_fault(tmp_path: Path, make, message: str) -> None:

@@ -29,5 +29,13 @@ class MergeError(StarDistError):
     """Merging a tensor failed (NaN or Inf met, a worker crashed past its retries, ...)."""
 
 
+class DataError(MergeError):
+    """An input's values cannot be merged (NaN or Inf, overflow of the output dtype).
+
+    Found only while merging, but it is bad input all the same: the run undoes its writes,
+    where a crash or an interruption keeps its finished shards for the resume.
+    """
+
+
 class ClusterError(StarDistError):
     """The Ray cluster cannot be reached or used."""

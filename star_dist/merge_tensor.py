@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import MergeError
+from .errors import DataError, MergeError
 from .lora import LoraSource
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
 from .plan import Source, TensorJob
@@ -68,10 +68,10 @@ class TensorMerger:
         else:  # pragma: no cover - the registry only holds these two kinds
             raise TypeError(type(self.method))
         if not all_finite(merged):
-            raise MergeError(f"tensor {job.name!r}: the merged result has NaN or Inf (check λ and weights)")
+            raise DataError(f"tensor {job.name!r}: the merged result has NaN or Inf (check λ and weights)")
         out = merged.to(DTYPES[job.out_dtype][0])
         if not all_finite(out):
-            raise MergeError(
+            raise DataError(
                 f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
             )
         report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
@@ -155,7 +155,7 @@ class TensorMerger:
         raw = self.reader.read(entry, rows)
         value = raw.to(self.device, self.dtype, copy=True)
         if not all_finite(value):
-            raise MergeError(f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt")
+            raise DataError(f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt")
         return value
 
     def _task_vector(self, src: Source, base: torch.Tensor, name: str) -> TaskVector | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
-from .errors import StarDistError
+from .errors import ConfigError, DataError, InputError, StarDistError
 from .lora import merged_adapter_config
 from .output import (
     check_output_apart,
@@ -58,16 +58,23 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> 
                 manifests = list(done.values()) + run_shards(todo, progress)
             finally:
                 progress.close()
-    except StarDistError:
-        # Bad data met mid-merge (NaN, overflow) or no cluster: leave the folder as this run
-        # found it. Interruptions and crashes keep their shards instead, for the resume.
-        if not resuming:
+    except StarDistError as exc:
+        # Bad data met mid-merge (NaN, overflow), or a failure before any shard was done (no
+        # cluster): leave the folder as this run found it. A crash after some shards keeps
+        # them for the resume, as an interruption does.
+        bad_input = isinstance(exc, (DataError, InputError, ConfigError))
+        if not resuming and (bad_input or not _shards_written(plan, done)):
             release_output_dir(plan.out_dir, remove_folder=not existed)
         raise
     report = finalize(plan, manifests)
     drop_replaced(plan.out_dir)  # the new merge is complete: the overwritten contents can go
     files = sorted(p.name for p in plan.out_dir.iterdir() if p.is_file())
     return MergeResult(plan.out_dir, files, len(plan.shards), len(done), report)
+
+
+def _shards_written(plan: MergePlan, done: dict[str, Manifest]) -> bool:
+    """Whether this run finished any shard (one an earlier run had not)."""
+    return any(job.file_name not in done and completed_manifest(job) for job in plan.shards)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from star_dist.errors import MergeError
+from star_dist.errors import DataError
 
 TopMethod = Literal["auto", "subspace", "gram", "svd"]
 
@@ -80,7 +80,7 @@ def kept_rank(s: torch.Tensor, eta: float) -> int:
     total = s32.sum()  # () float32 as the reference sums (float64 values: float64)
     if not bool(total > 0):
         if bool(torch.isnan(total)):
-            raise MergeError("STAR: singular values are NaN; the task vector is not finite")
+            raise DataError("STAR: singular values are NaN; the task vector is not finite")
         return 0  # an all-zero τ: nothing to keep, and no 0/0 rescale
     cumulative = torch.cumsum(s32, dim=0)  # (k,) float32
     target = total * eta / 100  # () float32, the reference's expression and order

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from star_dist.errors import ConfigError, MergeError
+from star_dist.errors import ConfigError, DataError
 from star_dist.methods.base import LowRank, StreamingMethod, TaskVector
 from star_dist.methods.params import as_number
 from star_dist.methods.spectral import (
@@ -75,7 +75,7 @@ class Star(StreamingMethod):
         if tau.dim() != 2:
             return tau, {}
         if not bool(torch.isfinite(tau).all()):
-            raise MergeError("STAR: the task vector holds NaN or Inf; check the input weights")
+            raise DataError("STAR: the task vector holds NaN or Inf; check the input weights")
         s = singular_values(tau)  # (min(m, n),) float32, every σ
         r = kept_rank(s, self.params.eta)
         if r == 0:
@@ -90,7 +90,7 @@ class Star(StreamingMethod):
     def _transform_lowrank(self, tau: LowRank) -> tuple[TaskVector, dict[str, Any]]:
         """The same STAR for left @ right from its exact thin SVD, never forming the m×n matrix."""
         if not (bool(torch.isfinite(tau.left).all()) and bool(torch.isfinite(tau.right).all())):
-            raise MergeError("STAR: the LoRA factors hold NaN or Inf; check the adapter weights")
+            raise DataError("STAR: the LoRA factors hold NaN or Inf; check the adapter weights")
         u, s, vh = lowrank_svd(tau.left, tau.right)  # (m, k), (k,), (k, n) float64
         r = kept_rank(s, self.params.eta)
         if r == 0:

@@ -80,12 +80,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _summary_axes(results: dict[str, Any]) -> tuple[list[dict[str, Any]], dict, int, list[int]]:
+    """The rows, normalized accuracies by (regime, k, method), the all-tasks k, and every k."""
+    rows = results["rows"]
+    return rows, collect(rows), max(r["k"] for r in rows), sorted({r["k"] for r in rows})
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """Plain statements on the paper's three claims, from the numbers."""
-    rows = results["rows"]
-    norm = collect(rows)
-    n_all = max(r["k"] for r in rows)
-    sweep_k = sorted({r["k"] for r in rows})
+    rows, norm, n_all, sweep_k = _summary_axes(results)
     out = []
     for regime, title in REGIMES.items():
         stars = {m: mean_std(norm[(regime, n_all, m)])[0] for m in method_order(rows)
@@ -153,10 +156,7 @@ def claims(results: dict[str, Any]) -> list[str]:
     A difference counts only beyond the larger seed std of the numbers compared; η counts as
     robust when STAR's spread over η stays within its own seed std.
     """
-    rows = results["rows"]
-    norm = collect(rows)
-    n_all = max(r["k"] for r in rows)
-    sweep_k = sorted({r["k"] for r in rows})
+    rows, norm, n_all, sweep_k = _summary_axes(results)
     out = []
     for regime, title in REGIMES.items():
         stars = [m for m in method_order(rows) if m.startswith("STAR") and norm.get((regime, n_all, m))]

@@ -101,12 +101,16 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
     )
     try:
         _wait_for_port(dashboard_port, 120)
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--",
-             "star-dist", "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "job_out"), "--address", "auto",
-             "--quiet"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
+        for _attempt in range(10):  # the head's job agent can lag its dashboard by a few seconds
+            submit = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--",
+                 "star-dist", "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "job_out"), "--address", "auto",
+                 "--quiet"],
+                env=env, capture_output=True, text=True, timeout=300,
+            )
+            if "No available agent to submit job" not in submit.stderr:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
         assert folder_bytes(tmp_path / "job_out") == expected

@@ -41,7 +41,7 @@ class AverageParams:
 class _Identity(StreamingMethod):
     """f(τ) = τ: the engine's weighted sum does all the work."""
 
-    Params: ClassVar[type] = TaskArithmeticParams
+    Params: ClassVar[type]
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

@@ -74,18 +74,18 @@ def kept_rank(s: torch.Tensor, eta: float) -> int:
     agrees to float32 rounding whatever r the tail yields (tests/methods/test_star_golden.py
     checks exactly that).
     """
-    s32 = s.detach() if s.dtype == torch.float64 else s.detach().to(torch.float32)  # (k,)
-    if s32.numel() == 0:
+    values = s.detach() if s.dtype == torch.float64 else s.detach().to(torch.float32)  # (k,)
+    if values.numel() == 0:
         return 0
-    total = s32.sum()  # () float32 as the reference sums (float64 values: float64)
+    total = values.sum()  # () float32 as the reference sums (float64 values: float64)
     if not bool(total > 0):
         if bool(torch.isnan(total)):
             raise DataError("STAR: singular values are NaN; the task vector is not finite")
         return 0  # an all-zero τ: nothing to keep, and no 0/0 rescale
-    cumulative = torch.cumsum(s32, dim=0)  # (k,) float32
+    cumulative = torch.cumsum(values, dim=0)  # (k,) float32
     target = total * eta / 100  # () float32, the reference's expression and order
     r = int(torch.searchsorted(cumulative, target.reshape(1)).item()) + 1
-    return min(r, s32.numel())
+    return min(r, values.numel())
 
 
 def _tall_f64(tau: torch.Tensor) -> tuple[torch.Tensor, bool]:

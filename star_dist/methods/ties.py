@@ -74,29 +74,26 @@ def trim_count(numel: int, density: float) -> int:
 
 def trim_threshold(tau: torch.Tensor, density: float) -> float:
     """t, the k-th largest |τ| of the whole tensor (0 when everything is kept)."""
-    numel = tau.numel()
-    k = trim_count(numel, density)
-    if k >= numel:
-        return 0.0
-    magnitudes = tau.detach().abs().reshape(-1)  # (numel,)
-    # The k-th largest is the (numel − k + 1)-th smallest; kthvalue is a linear-time select.
-    return float(torch.kthvalue(magnitudes, numel - k + 1).values)
+    return _kth_largest(tau.detach().abs().reshape(-1), trim_count(tau.numel(), density))
+
+
+def _kth_largest(magnitudes: torch.Tensor, k: int) -> float:
+    """The k-th largest of a flat tensor, 0 for k ≥ its size; kthvalue is a linear-time select."""
+    numel = magnitudes.numel()
+    return 0.0 if k >= numel else float(torch.kthvalue(magnitudes, numel - k + 1).values)
 
 
 def trim_rule(tau: torch.Tensor, density: float) -> TrimRule:
     """The rule that keeps exactly k entries of τ: all above t, then tied ones in flat order."""
     numel = tau.numel()
     k = trim_count(numel, density)
-    if k >= numel:
+    magnitudes = tau.detach().abs().reshape(-1)  # (numel,) the one copy of |τ|
+    t = _kth_largest(magnitudes, k)
+    if t == 0.0:  # everything is kept, or the ties at 0 are zeros: keeping them changes nothing
         return TrimRule(0.0, numel)
-    t = trim_threshold(tau, density)
-    if t == 0.0:  # ties at 0 are zeros: keeping them changes nothing
-        return TrimRule(0.0, numel)
-    flat = tau.detach().reshape(-1)  # (numel,)
-    above = sum(int((flat[i : i + _TIE_SCAN_CHUNK].abs() > t).sum()) for i in range(0, numel, _TIE_SCAN_CHUNK))
-    need = k - above  # ≥ 1: the k-th largest itself equals t
-    for start in range(0, numel, _TIE_SCAN_CHUNK):
-        tied = torch.nonzero(flat[start : start + _TIE_SCAN_CHUNK].abs() == t).reshape(-1)  # (ties in chunk,)
+    need = k - int((magnitudes > t).sum())  # ≥ 1: the k-th largest itself equals t
+    for start in range(0, numel, _TIE_SCAN_CHUNK):  # chunks: no index tensor the size of τ
+        tied = torch.nonzero(magnitudes[start : start + _TIE_SCAN_CHUNK] == t).reshape(-1)  # (ties in chunk,)
         if need <= tied.numel():
             return TrimRule(t, start + int(tied[need - 1]))
         need -= tied.numel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -227,3 +228,51 @@ def test_float64_merges_stay_float64(tmp_path: Path) -> None:
             expected = reference(base[name], [ft[name] for ft in fts])
             assert merged[name].dtype == torch.float64, name
             torch.testing.assert_close(merged[name], expected.double(), rtol=1e-12, atol=1e-12, msg=(method, name))
+
+
+def test_an_input_edited_in_place_is_never_resumed_over(tiny_fp32: Path, tmp_path: Path) -> None:
+    """Same size, mtime set back by hand: the ctime still changes, so the plan does too."""
+    models = tmp_path / "m"
+    shutil.copytree(tiny_fp32, models)
+    before = star_dist.plan(models / "merge.yaml").fingerprint
+    shard = sorted((models / "ft1").glob("*.safetensors"))[0]
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of tensor data, the header untouched
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert shard.stat().st_size == stat.st_size and shard.stat().st_mtime_ns == stat.st_mtime_ns
+    assert star_dist.plan(models / "merge.yaml").fingerprint != before
+
+
+def test_a_crash_after_some_shards_keeps_them_for_the_resume(
+    tiny_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker failure that is not bad data (here: the second shard's worker dies) leaves the
+    finished shards and their manifests; the rerun resumes them and gives the same bytes."""
+    from star_dist.errors import MergeError
+    from star_dist.runtime import local
+    from star_dist.shard import merge_shard
+
+    cfg = _config(tiny_fp32, "star")
+    out = tmp_path / "out"
+    calls = []
+
+    def dies_on_the_second(job, **kwargs):
+        calls.append(job.file_name)
+        if len(calls) == 2:
+            raise MergeError(f"shard {job.file_name}: worker died")
+        return merge_shard(job, **kwargs)
+
+    monkeypatch.setattr(local, "merge_shard", dies_on_the_second)
+    with pytest.raises(MergeError, match="worker died"):
+        star_dist.merge(cfg, out, quiet=True, max_shard_size="200kB")
+    kept = sorted((out / ".star_dist" / "shards").glob("*.json"))
+    assert [p.name for p in kept] == [f"{calls[0]}.json"] and (out / calls[0]).exists()
+    assert not (out / "model.safetensors.index.json").exists()
+
+    monkeypatch.undo()
+    result = star_dist.merge(cfg, out, quiet=True, max_shard_size="200kB")
+    assert result.shards_resumed == 1
+    star_dist.merge(cfg, tmp_path / "fresh", quiet=True, max_shard_size="200kB")
+    assert folder_bytes(out) == folder_bytes(tmp_path / "fresh")

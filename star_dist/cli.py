@@ -50,6 +50,9 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch threads per CPU worker (default 1); the output bytes depend on it")
     g.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for a Ray cluster")
+    g.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds to wait for a first worker to start before failing (default 300; raise it "
+                        "for an autoscaling cluster that must add nodes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +159,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         device=args.device,
         threads_per_worker=args.threads_per_worker,
         connect_timeout_s=getattr(args, "connect_timeout", 30.0),
+        start_timeout_s=getattr(args, "start_timeout", 300.0),
     )
 
 
@@ -165,6 +169,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     options = run_options(args)
     if options.workers is not None and options.workers < 1 or options.threads_per_worker < 1:
         raise ConfigError("--workers and --threads-per-worker must be at least 1")
+    if not (options.connect_timeout_s > 0 and options.start_timeout_s > 0):
+        raise ConfigError("--connect-timeout and --start-timeout must be positive numbers of seconds")
     result = run_merge(config_from_args(args), args.out, options)
     if not args.quiet:
         resumed = f" ({result.shards_resumed} resumed)" if result.shards_resumed else ""

@@ -303,3 +303,4 @@ class RunOptions:
     device: str = "auto"  # "cpu" | "cuda" | "auto"
     threads_per_worker: int = 1
     connect_timeout_s: float = 30.0
+    start_timeout_s: float = 300.0  # fail when no worker has started for this long

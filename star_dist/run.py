@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,8 +90,8 @@ def open_runtime(options: RunOptions, todo: list[ShardJob]) -> Iterator[ShardRun
         return
     from .runtime import ray as ray_runtime
 
-    with ray_runtime.ray_session(options):
-        yield functools.partial(ray_runtime.run_shards, options=options)
+    with ray_runtime.ray_session(options) as embedded:
+        yield ray_runtime.shard_runner(options, len(todo), embedded)
 
 
 def finalize(plan: MergePlan, manifests: list[Manifest]) -> dict[str, Any]:

@@ -114,6 +114,16 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
         assert folder_bytes(tmp_path / "job_out") == expected
+        # `--address auto` from a shell that knows nothing of the head's --temp-dir (no
+        # RAY_TMPDIR, no RAY_ADDRESS) still finds it, through its running GCS process.
+        shell_env = {k: v for k, v in env.items() if k != "RAY_TMPDIR"}
+        joined = subprocess.run(
+            [str(BIN / "star-dist"), "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "joined"),
+             "--address", "auto", "--quiet"],
+            env=shell_env, capture_output=True, text=True, timeout=300,
+        )
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert folder_bytes(tmp_path / "joined") == expected
         # With that head recorded as this machine's current cluster, the embedded default
         # must still start a cluster of its own rather than join (or fail on) the head.
         embedded = subprocess.run(

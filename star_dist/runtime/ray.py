@@ -1,65 +1,98 @@
 """The Ray runtime: a pool of thin worker actors that each run `merge_shard`.
 
-The driver submits shard jobs (paths and names, never tensors), keeps one job in flight
-per actor, collects manifests with `ray.wait`, and re-raises a failure with the shard's
-name. Actors restart after a crash and Ray retries the call on the new process
-(`max_restarts`, `max_task_retries`); a shard whose actor is gone for good goes to a fresh
-actor. Without an address, an embedded cluster is started on loopback and stopped after.
+The driver submits shard jobs (paths and names, never tensors) only to actors that have
+started, keeps one job in flight per actor, collects manifests with `ray.wait`, and
+re-raises a failure with the shard's name. Actors restart after a crash and Ray retries
+the call on the new process (`max_restarts`, `max_task_retries`); a shard whose actor is
+gone for good goes to a fresh actor. An actor Ray cannot place waits harmlessly; if none
+starts at all within `start_timeout_s`, the run fails with what was asked and what the
+cluster has, instead of hanging.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import math
 import os
-import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from ..config import RunOptions
 from ..errors import ClusterError, MergeError, StarDistError
 from ..plan import ShardJob
 from ..progress import Progress
 from ..shard import Manifest
+from .ray_cluster import ray_session
 
-# Keeps a local cluster's every port on 127.0.0.1 (DESIGN §5); must be set before Ray starts.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-# Test hook: the first worker to see this path absent creates it and dies mid-shard.
+__all__ = ["ray_session", "shard_runner", "run_shards", "pool_shape", "actor_device", "PoolShape"]
+
+# Test hooks for the fault tests: the first worker to see this path absent creates it and
+# dies mid-shard; a worker given the shard named by the second always dies on it.
 CRASH_ONCE_ENV = "STAR_DIST_CRASH_ONCE_MARKER"
-ACTOR_RESTARTS = 3
-SHARD_ATTEMPTS = 3  # fresh actors a shard may go to after its actor is gone for good
+CRASH_ON_SHARD_ENV = "STAR_DIST_CRASH_ON_SHARD"
+ACTOR_RESTARTS = 2  # process restarts of one actor, each retrying the call it died in
+SHARD_ATTEMPTS = 2  # actors a shard may exhaust before the run fails on it
 WAIT_SLICE_S = 1.0
+WAITING_NOTICE_S = 15.0  # say that workers are pending after this long with none running
+
+
+def actor_device(requested: str, gpu_ids: list[str], cuda_available: bool) -> str:
+    """Where an actor computes. A GPU only when Ray assigned it one: a CPU actor on a GPU
+    node must not grab the node's GPUs, and fake GPU slots (no CUDA) compute on the CPU
+    under 'auto'."""
+    if requested == "cpu":
+        return "cpu"
+    if gpu_ids and cuda_available:
+        return "cuda"
+    if requested == "cuda":
+        why = f"Ray assigned GPU {','.join(gpu_ids)} but CUDA sees none" if gpu_ids else "Ray assigned it no GPU"
+        raise MergeError(f"device 'cuda' requested but this worker has no CUDA device ({why})")
+    return "cpu"
 
 
 class ShardWorker:
     """A Ray actor: plain Python around `merge_shard`, tagging its log lines with its id."""
 
-    def __init__(self, worker_id: int, threads: int, crash_marker: str | None = None) -> None:
+    def __init__(self, worker_id: int, threads: int, device: str, crash: dict[str, str]) -> None:
         import torch
 
         self.worker_id = worker_id
-        self.crash_marker = crash_marker
+        self.requested_device = device
+        self.crash = crash
         torch.set_num_threads(threads)
 
     def info(self) -> dict[str, Any]:
+        """Who this worker is and where it computes; raises if that place does not exist."""
         import ray
+        import torch
 
-        return {"worker": self.worker_id, "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        device = actor_device(self.requested_device, gpu_ids, torch.cuda.is_available())
+        return {"worker": self.worker_id, "pid": os.getpid(), "gpu_ids": gpu_ids, "device": device}
 
     def merge(self, job: ShardJob) -> Manifest:
         from ..shard import merge_shard
 
         start = time.perf_counter()
-        print(f"[worker {self.worker_id}] {job.file_name}: {len(job.tensors)} tensors", flush=True)
-        if self.crash_marker and not Path(self.crash_marker).exists():
-            Path(self.crash_marker).write_text(str(os.getpid()))
-            os._exit(1)  # a fault test: die as a killed process would, mid-shard
-        manifest = merge_shard(job, worker=self.info())
+        info = self.info()
+        print(f"[worker {self.worker_id}] {job.file_name}: {len(job.tensors)} tensors on {info['device']}", flush=True)
+        self._maybe_crash(job)
+        manifest = merge_shard(dataclasses.replace(job, device=info["device"]), worker=info)
         print(f"[worker {self.worker_id}] {job.file_name}: done in {time.perf_counter() - start:.1f}s", flush=True)
         return manifest
+
+    def _maybe_crash(self, job: ShardJob) -> None:
+        marker = self.crash.get("once")
+        if marker and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)  # die as a killed process would, mid-shard
+        if self.crash.get("shard") == job.file_name:
+            os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -67,50 +100,109 @@ class PoolShape:
     workers: int
     num_cpus: float
     num_gpus: float
+    runnable: int  # how many of the workers the cluster can hold at once right now
+
+    def describe(self) -> str:
+        waiting = f", {self.workers - self.runnable} waiting for room" if self.runnable < self.workers else ""
+        return f"{self.workers} worker(s), {self.num_cpus:g} CPU and {self.num_gpus:g} GPU each{waiting}"
 
 
-def pool_shape(resources: dict[str, float], options: RunOptions, n_jobs: int) -> PoolShape:
-    """One actor per GPU when GPUs are used, else one per `threads_per_worker` CPUs.
+def pool_shape(nodes: list[dict[str, float]], options: RunOptions, n_jobs: int, embedded: bool = False) -> PoolShape:
+    """One actor per whole GPU when GPUs are used, else one per `threads_per_worker` CPUs,
+    sized on each node's own resources (an actor cannot span nodes).
 
-    Asking for more workers than the cluster holds shares the slots fractionally, so every
-    actor can start (an actor waiting for a slot would hold its shard forever).
+    `nodes` are the alive nodes' resources. Asking for more CPU workers than fit shares the
+    CPUs fractionally (CPUs can be shared, GPUs are not); workers that still do not fit wait
+    for room, and only started workers get shards.
     """
-    gpus = resources.get("GPU", 0.0)
-    cpus = resources.get("CPU", 1.0)
-    use_gpu = options.device == "cuda" or (options.device == "auto" and gpus >= 1)
-    if options.device == "cuda" and gpus < 1:
+    total_gpus = sum(int(n.get("GPU", 0.0)) for n in nodes)
+    if options.device == "cuda" or (options.device == "auto" and total_gpus >= 1):
+        return _gpu_shape(nodes, options, n_jobs, embedded, total_gpus)
+    cpus = [n.get("CPU", 0.0) for n in nodes]
+    threads = float(options.threads_per_worker)
+    # An actor asks for its threads, but never more than the biggest node has; a cluster
+    # with no CPUs yet (a 0-CPU head) asks in full, for an autoscaler to see.
+    per_actor = min(threads, max(cpus)) if max(cpus, default=0.0) > 0 else threads
+    slots = _fits(cpus, per_actor)
+    workers = max(1, min(options.workers or slots or 1, n_jobs))
+    if workers > slots and slots > 0:
+        per_actor = _largest_share(cpus, workers, per_actor)
+        slots = _fits(cpus, per_actor)
+    return PoolShape(workers, per_actor, 0.0, min(workers, slots))
+
+
+def _gpu_shape(nodes: list[dict[str, float]], options: RunOptions, n_jobs: int, embedded: bool,
+               total_gpus: int) -> PoolShape:
+    if total_gpus < 1:
+        if embedded:
+            raise ClusterError(
+                "--device cuda: this machine has no GPU that Ray can see; use --device cpu or auto, "
+                "or join a GPU cluster with --address"
+            )
         if not options.workers:
             raise ClusterError(
                 "--device cuda: the Ray cluster has no GPUs now; pass --workers N to request N GPU "
                 "workers anyway (an autoscaling cluster then adds GPU nodes)"
             )
         # GPU nodes are yet to come: ask for whole GPUs so the autoscaler sees the demand.
-        return PoolShape(max(1, min(options.workers, n_jobs)), 1.0, 1.0)
-    if use_gpu:
-        workers = max(1, min(options.workers or int(gpus), n_jobs))
-        return PoolShape(workers, min(1.0, cpus / workers), min(1.0, gpus / workers))
-    threads = options.threads_per_worker
-    workers = max(1, min(options.workers or int(cpus // threads) or 1, n_jobs))
-    return PoolShape(workers, min(float(threads), cpus / workers), 0.0)
+        return PoolShape(min(options.workers, n_jobs), 1.0, 1.0, 0)
+    gpu_nodes = [n for n in nodes if int(n.get("GPU", 0.0)) >= 1]
+    # One CPU per GPU actor, unless the leanest GPU node has fewer CPUs than GPUs.
+    num_cpus = min(1.0, *(n.get("CPU", 0.0) / int(n["GPU"]) for n in gpu_nodes))
+    num_cpus = math.floor(num_cpus * 1e4) / 1e4  # Ray's resource precision, rounded down
+    workers = max(1, min(options.workers or total_gpus, n_jobs))
+    return PoolShape(workers, num_cpus, 1.0, min(workers, total_gpus))
 
 
-def run_shards(jobs: list[ShardJob], progress: Progress, options: RunOptions) -> list[Manifest]:
-    """Merge the shards on Ray actors (inside `ray_session`); manifests in completion order."""
+def _fits(capacities: list[float], per_actor: float) -> int:
+    if per_actor <= 0:
+        return 0
+    return sum(int(c // per_actor + 1e-9) for c in capacities)
+
+
+def _largest_share(capacities: list[float], workers: int, ceiling: float) -> float:
+    """The largest CPU share ≤ `ceiling` at which `workers` actors fit across the nodes."""
+    shares = {c / k for c in capacities if c > 0 for k in range(1, workers + 1)}
+    fitting = [s for s in shares if s <= ceiling and _fits(capacities, s) >= workers]
+    share = max(fitting, default=sum(capacities) / workers)
+    return math.floor(share * 1e4) / 1e4  # Ray's resource precision, rounded down
+
+
+def alive_nodes() -> list[dict[str, float]]:
     import ray
 
-    shape = pool_shape(ray.cluster_resources(), options, len(jobs))
-    progress.message(f"ray: {shape.workers} worker(s), {shape.num_cpus:g} CPU and {shape.num_gpus:g} GPU each")
-    pool = ActorPool(shape, options.threads_per_worker, os.environ.get(CRASH_ONCE_ENV))
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+ShardRunner = Callable[[list[ShardJob], Progress], list[Manifest]]
+
+
+def shard_runner(options: RunOptions, n_jobs: int, embedded: bool) -> ShardRunner:
+    """Size the pool on the cluster now (so a shape that cannot work fails before any
+    progress is drawn) and return the function that runs the shards on it."""
+    nodes = alive_nodes()
+    shape = pool_shape(nodes, options, n_jobs, embedded)
+    return functools.partial(run_shards, shape=shape, nodes=nodes, options=options)
+
+
+def run_shards(
+    jobs: list[ShardJob], progress: Progress, shape: PoolShape, nodes: list[dict[str, float]], options: RunOptions
+) -> list[Manifest]:
+    """Merge the shards on Ray actors (inside `ray_session`); manifests in completion order."""
+    progress.message(f"ray: {shape.describe()}")
+    crash = {key: os.environ[env] for key, env in (("once", CRASH_ONCE_ENV), ("shard", CRASH_ON_SHARD_ENV))
+             if os.environ.get(env)}
+    pool = ActorPool(shape, options, crash)
     try:
-        return pool.run(jobs, progress)
+        return pool.run(jobs, progress, nodes)
     finally:
         pool.shutdown()
 
 
 class ActorPool:
-    """Hands shards to idle actors (one in flight each) and replaces actors that die."""
+    """Hands shards to started, idle actors (one in flight each) and replaces actors that die."""
 
-    def __init__(self, shape: PoolShape, threads: int, crash_marker: str | None) -> None:
+    def __init__(self, shape: PoolShape, options: RunOptions, crash: dict[str, str]) -> None:
         import ray
 
         self._actor_cls = ray.remote(ShardWorker).options(
@@ -119,135 +211,117 @@ class ActorPool:
             max_restarts=ACTOR_RESTARTS,
             max_task_retries=ACTOR_RESTARTS,
         )
-        self._threads = threads
-        self._crash_marker = crash_marker
+        self._shape = shape
+        self._options = options
+        self._crash = crash
         self._next_id = 0
-        self.idle = [self._new_actor() for _ in range(shape.workers)]
+        self.starting: dict[Any, Any] = {}  # info() ref -> actor not yet known to run
+        self.idle: list[Any] = []
         self.in_flight: dict[Any, tuple[ShardJob, Any]] = {}
+        for _ in range(shape.workers):
+            self._new_actor()
 
-    def _new_actor(self) -> Any:
+    def _new_actor(self) -> None:
+        actor = self._actor_cls.remote(self._next_id, self._options.threads_per_worker, self._options.device,
+                                       self._crash)
         self._next_id += 1
-        return self._actor_cls.remote(self._next_id - 1, self._threads, self._crash_marker)
+        self.starting[actor.info.remote()] = actor
 
-    def run(self, jobs: list[ShardJob], progress: Progress) -> list[Manifest]:
+    def run(self, jobs: list[ShardJob], progress: Progress, nodes: list[dict[str, float]]) -> list[Manifest]:
         import ray
 
         queue = list(jobs)  # most expensive first, as the driver sorted them
         deaths: dict[str, int] = {}
         manifests: list[Manifest] = []
+        idle_since = time.monotonic()  # when the pool last had no running worker
+        noticed = False
         while queue or self.in_flight:
             while queue and self.idle:
                 job, actor = queue.pop(0), self.idle.pop()
                 self.in_flight[actor.merge.remote(job)] = (job, actor)
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=WAIT_SLICE_S)
+            ready, _ = ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=WAIT_SLICE_S)
             for ref in ready:
-                job, actor = self.in_flight.pop(ref)
-                try:
-                    manifest = ray.get(ref, timeout=60)
-                except ray.exceptions.RayActorError as exc:  # gone for good, past its restarts
-                    deaths[job.file_name] = deaths.get(job.file_name, 0) + 1
-                    if deaths[job.file_name] >= SHARD_ATTEMPTS:
-                        raise MergeError(f"shard {job.file_name}: worker died {SHARD_ATTEMPTS} times ({exc})") from None
-                    progress.message(f"shard {job.file_name}: worker died, retrying on a fresh worker")
-                    queue.insert(0, job)
-                    self.idle.append(self._new_actor())  # never reuse a dead actor
+                if ref in self.starting:
+                    self._started(ref)
                     continue
-                except ray.exceptions.RayTaskError as exc:
-                    raise _unwrap(exc, job) from None
+                job, actor = self.in_flight.pop(ref)
+                manifest = self._collect(ref, job, deaths, progress)
+                if manifest is None:
+                    queue.insert(0, job)
+                    continue
                 manifests.append(manifest)
                 self.idle.append(actor)
                 progress.advance(len(job.tensors), job.bytes_out)
+            if self.in_flight or self.idle or not queue:
+                idle_since = time.monotonic()
+                continue
+            waited = time.monotonic() - idle_since
+            if waited >= self._options.start_timeout_s:
+                raise ClusterError(self._no_worker_message(waited, nodes))
+            if waited >= WAITING_NOTICE_S and not noticed:
+                noticed = True
+                progress.message(f"ray: waiting for a worker to start ({self._asks()})")
         return manifests
+
+    def _started(self, ref: Any) -> None:
+        import ray
+
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref, timeout=60)
+        except ray.exceptions.RayTaskError as exc:  # info() refused: no such device here
+            raise _unwrap(exc, "a worker") from None
+        except ray.exceptions.RayActorError as exc:  # the process could not start
+            raise ClusterError(f"a Ray worker could not start: {_first_line(exc)}") from None
+        self.idle.append(actor)
+
+    def _collect(self, ref: Any, job: ShardJob, deaths: dict[str, int], progress: Progress) -> Manifest | None:
+        """The shard's manifest, or None when its actor died for good and it must be redone."""
+        import ray
+
+        try:
+            return ray.get(ref, timeout=60)
+        except ray.exceptions.RayActorError as exc:  # gone for good, past its restarts
+            deaths[job.file_name] = deaths.get(job.file_name, 0) + 1
+            if deaths[job.file_name] >= SHARD_ATTEMPTS:
+                processes = SHARD_ATTEMPTS * (ACTOR_RESTARTS + 1)
+                raise MergeError(
+                    f"shard {job.file_name}: its worker process died {processes} times on it "
+                    f"({_first_line(exc)}); finished shards are kept, rerun to resume"
+                ) from None
+            progress.message(f"shard {job.file_name}: worker died, retrying on a fresh worker")
+            self._new_actor()  # never reuse a dead actor
+            return None
+        except ray.exceptions.RayTaskError as exc:
+            raise _unwrap(exc, f"shard {job.file_name}") from None
+
+    def _asks(self) -> str:
+        return f"each asks for {self._shape.num_cpus:g} CPU and {self._shape.num_gpus:g} GPU"
+
+    def _no_worker_message(self, waited: float, nodes: list[dict[str, float]]) -> str:
+        have = "; ".join(f"{n.get('CPU', 0.0):g} CPU, {n.get('GPU', 0.0):g} GPU" for n in nodes) or "no nodes"
+        return (
+            f"no Ray worker started within {waited:.0f}s ({self._asks()}; the cluster's nodes have: {have}); "
+            "lower --threads-per-worker, add nodes, or raise --start-timeout for an autoscaling cluster"
+        )
 
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.idle + [a for _, a in self.in_flight.values()]:
+        for actor in [*self.idle, *self.starting.values(), *(a for _, a in self.in_flight.values())]:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
 
 
-def _unwrap(exc: Exception, job: ShardJob) -> StarDistError:
-    """A worker's own StarDistError comes back as itself, with the shard's name added."""
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _unwrap(exc: Exception, where: str) -> StarDistError:
+    """A worker's own StarDistError comes back as itself, with where it happened added."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, StarDistError):
-        return type(cause)(f"shard {job.file_name}: {cause}")
-    first = str(cause or exc).strip().splitlines()
-    return MergeError(f"shard {job.file_name}: worker failed: {first[-1] if first else type(exc).__name__}")
-
-
-@contextlib.contextmanager
-def ray_session(options: RunOptions) -> Iterator[bool]:
-    """Connect to `options.address`, or start an embedded loopback cluster; yields whether
-    the cluster is embedded (and so is stopped on exit)."""
-    import ray
-
-    if ray.is_initialized():  # a caller (a notebook, a test session) already connected
-        yield False
-        return
-    for key, value in LOOPBACK_ENV.items():
-        os.environ[key] = value
-    embedded = options.address is None
-    try:
-        if embedded:
-            os.environ.pop("RAY_ADDRESS", None)
-            ray.init(
-                address="local",  # a new cluster, never one a `ray start` left running here
-                num_cpus=os.cpu_count(),
-                include_dashboard=False,
-                log_to_driver=not options.quiet,
-                logging_level="ERROR",
-                configure_logging=True,
-            )
-        else:
-            check_reachable(options.address, options.connect_timeout_s)
-            ray.init(address=options.address, log_to_driver=not options.quiet, logging_level="ERROR")
-    except ClusterError:
-        raise
-    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...
-        where = "start a local Ray cluster" if embedded else f"connect to the Ray cluster at {options.address}"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ClusterError(f"could not {where}: {type(exc).__name__}: {detail}") from None
-    try:
-        yield embedded
-    finally:
-        ray.shutdown()
-
-
-def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail fast with a clear error when the cluster's port does not answer (Ray would
-    otherwise retry for minutes). 'auto' is checked through RAY_ADDRESS or Ray's record of
-    the last cluster started on this machine."""
-    target = address
-    if address == "auto":
-        target = os.environ.get("RAY_ADDRESS") or _last_local_cluster() or ""
-        if not target:
-            raise ClusterError(
-                "--address auto: no running Ray cluster found (RAY_ADDRESS is unset and no "
-                "`ray start` record exists); start one with `ray start --head` or drop --address"
-            )
-    parsed = urlparse(target if "://" in target else f"tcp://{target}")
-    host, port = parsed.hostname, parsed.port or (10001 if parsed.scheme == "ray" else 6379)
-    if not host:
-        raise ClusterError(f"--address {address!r}: expected auto, host:port or ray://host:port")
-    deadline = time.monotonic() + timeout_s
-    last_error: OSError | None = None
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
-                return
-        except OSError as exc:
-            last_error = exc
-            time.sleep(0.5)
-    raise ClusterError(
-        f"Ray cluster at {host}:{port} is not reachable after {timeout_s:g}s ({last_error}); "
-        "check the address, or that `ray start --head` is running"
-    )
-
-
-def _last_local_cluster() -> str | None:
-    path = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
+        return type(cause)(f"{where}: {cause}")
+    lines = str(cause or exc).strip().splitlines()
+    return MergeError(f"{where}: worker failed: {lines[-1] if lines else type(exc).__name__}")

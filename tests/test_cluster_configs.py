@@ -529,3 +529,29 @@ def test_readme_names_existing_files_and_the_commands() -> None:
     for cfg_path, out_dir in merges:
         assert cfg_path.startswith((SHARED_MOUNT + "/", "/models/")), cfg_path
         assert out_dir.startswith((SHARED_MOUNT + "/", "/output/")), out_dir
+
+
+def star_dist_commands(text: str) -> list[str]:
+    """Every `star-dist merge|plan ...` command in a file, continuation lines joined and
+    comment markers stripped, up to the end of the command (prose mentions, with no
+    arguments, are left out)."""
+    joined = re.sub(r"\\\n\s*#?\s*", " ", text)
+    found = (m.group(0).strip() for m in re.finditer(r"star-dist (?:merge|plan)\b[^\n'`#(]*", joined))
+    return [command for command in found if len(command.split()) > 2]
+
+
+@pytest.mark.parametrize("name", [*LAUNCHER_FILES, RAYJOB_FILE, "README.md"])
+def test_every_documented_command_parses_with_the_real_cli(name: str) -> None:
+    """A flag renamed or removed in the CLI must not live on in the cluster docs."""
+    from star_dist.cli import build_parser
+
+    text = (CONFIG_DIR / name).read_text()
+    if name == RAYJOB_FILE:
+        text = load_yaml(name)["spec"]["entrypoint"]
+    commands = star_dist_commands(text)
+    assert commands, f"{name}: no star-dist command found"
+    for command in commands:
+        try:
+            build_parser().parse_args(shlex.split(command)[1:])
+        except SystemExit:
+            pytest.fail(f"{name}: `{command}` does not parse with star-dist's own parser")

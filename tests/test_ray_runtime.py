@@ -4,8 +4,11 @@ a worker that dies mid-shard, fake GPU slots, and an unreachable cluster."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -175,6 +178,39 @@ def test_fake_gpu_slots_get_one_actor_each(tiny_fp32: Path, tmp_path: Path) -> N
     assert folder_bytes(tmp_path / "gpu3") == expected
     assert "CUDA-ERROR" in result.stdout and "no CUDA device" in result.stdout
     assert not (tmp_path / "cuda").exists()
+
+
+def test_multi_node_cluster_with_a_cpu_less_head(tiny_fp32: Path, tmp_path: Path) -> None:
+    """A real 3-node loopback cluster: a 0-CPU head and two 1-CPU nodes, 2 threads per
+    worker. No node holds 2 CPUs, so each actor must ask for what one node has (asking for
+    2 would never be placed); both nodes work, and the bytes are the in-process ones."""
+    expected = _local_reference(tiny_fp32 / "merge.yaml", tmp_path / "local", threads_per_worker=2)
+    # Short (Ray's socket paths have a length limit), and keeps Ray's record of this
+    # cluster out of /tmp/ray, where `--address auto` would look.
+    ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    script = textwrap.dedent(f"""
+        import json, ray, star_dist
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 0}})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        star_dist.merge({str(tiny_fp32 / 'merge.yaml')!r}, {str(tmp_path / 'ray')!r}, runtime="ray", quiet=True,
+                        threads_per_worker=2, max_shard_size="60kB", start_timeout_s=90)
+        ray.shutdown()
+        cluster.shutdown()
+    """)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert folder_bytes(tmp_path / "ray") == expected
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "ray" / ".star_dist" / "shards").glob("*.json")]
+    assert len({m["worker"]["worker"] for m in manifests}) == 2
 
 
 def test_unreachable_cluster_is_a_clear_error_not_a_hang(tiny_fp32: Path, tmp_path: Path) -> None:

@@ -111,6 +111,8 @@ def test_pool_shape_sizes_cpu_workers_on_each_node() -> None:
     assert (uneven.num_cpus, uneven.runnable) == (1.0, 8)
     odd = pool_shape([{"CPU": 2}, {"CPU": 2}], RunOptions(workers=3), n_jobs=10)
     assert odd.runnable == 3 and odd.num_cpus == 1.0
+    tenths = pool_shape([{"CPU": 0.3}], RunOptions(workers=3), n_jobs=10)  # fractional node CPUs
+    assert (tenths.num_cpus, tenths.runnable) == (0.1, 3)
     head_only = pool_shape([{"CPU": 0}], RunOptions(), n_jobs=5)  # a 0-CPU head: no CPU invented
     assert (head_only.workers, head_only.num_cpus, head_only.runnable) == (1, 1.0, 0)
 

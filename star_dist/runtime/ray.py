@@ -149,15 +149,16 @@ def _gpu_shape(nodes: list[dict[str, float]], options: RunOptions, n_jobs: int, 
     gpu_nodes = [n for n in nodes if int(n.get("GPU", 0.0)) >= 1]
     # One CPU per GPU actor, unless the leanest GPU node has fewer CPUs than GPUs.
     num_cpus = min(1.0, *(n.get("CPU", 0.0) / int(n["GPU"]) for n in gpu_nodes))
-    num_cpus = math.floor(num_cpus * 1e4) / 1e4  # Ray's resource precision, rounded down
+    num_cpus = _round_down_for_ray(num_cpus)
     workers = max(1, min(options.workers or total_gpus, n_jobs))
     return PoolShape(workers, num_cpus, 1.0, min(workers, total_gpus))
 
 
 def _fits(capacities: list[float], per_actor: float) -> int:
+    """How many actors of `per_actor` CPUs the nodes hold (true division: 0.3 // 0.1 is 2)."""
     if per_actor <= 0:
         return 0
-    return sum(int(c // per_actor + 1e-9) for c in capacities)
+    return sum(int(c / per_actor + 1e-9) for c in capacities)
 
 
 def _largest_share(capacities: list[float], workers: int, ceiling: float) -> float:
@@ -165,7 +166,13 @@ def _largest_share(capacities: list[float], workers: int, ceiling: float) -> flo
     shares = {c / k for c in capacities if c > 0 for k in range(1, workers + 1)}
     fitting = [s for s in shares if s <= ceiling and _fits(capacities, s) >= workers]
     share = max(fitting, default=sum(capacities) / workers)
-    return math.floor(share * 1e4) / 1e4  # Ray's resource precision, rounded down
+    return _round_down_for_ray(share)
+
+
+def _round_down_for_ray(amount: float) -> float:
+    """Ray keeps resources to 1e-4: round down (so the actor still fits), past float noise
+    (0.3 / 3 is 0.0999…, and means 0.1)."""
+    return math.floor(amount * 1e4 + 1e-6) / 1e4
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -83,7 +83,7 @@ def resolve_address(address: str, timeout_s: float) -> str:
         with contextlib.suppress(ClusterError):
             check_reachable(candidate, min(timeout_s, 2.0))
             return candidate
-    check_reachable(candidates[0], timeout_s)  # raises, after the full timeout, naming it
+    check_reachable(candidates[0], timeout_s)  # the full timeout for a head still starting; else raises
     return candidates[0]
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for the method tests: the golden STAR cases from shared/golden."""
+"""Fixtures for the method tests: the golden STAR cases carried in tests/data/."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-GOLDEN = Path(os.environ.get("STAR_DIST_GOLDEN", REPO.parent / "shared" / "golden" / "star_cases.safetensors"))
+# The golden file travels with the repository (tests/data/README.md says where it came from),
+# so a fresh clone passes its own tests; STAR_DIST_GOLDEN points at another copy to compare.
+GOLDEN = Path(os.environ.get("STAR_DIST_GOLDEN", Path(__file__).resolve().parents[1] / "data" / "star_cases.safetensors"))
 
 
 @pytest.fixture(scope="session")
 def golden() -> dict[str, torch.Tensor]:
-    """caseN.base / .ftK / .expected_etaE / .ranks_etaE and zero.* (see shared/golden/README.md)."""
+    """caseN.base / .ftK / .expected_etaE / .ranks_etaE and zero.* (see tests/data/README.md)."""
     if not GOLDEN.is_file():
-        pytest.fail(f"golden STAR cases not found at {GOLDEN}; set STAR_DIST_GOLDEN to the file")
+        pytest.fail(f"golden STAR cases not found at {GOLDEN}: the repository should carry them")
     return load_file(str(GOLDEN))
 
 

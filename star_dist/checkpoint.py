@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .files import require_regular_file
 from .safetensors_format import TensorEntry, read_header
 
 SINGLE_FILE = "model.safetensors"
@@ -27,22 +28,28 @@ class Checkpoint:
     source: str  # what the user wrote: a path or a hub id
     folder: Path
     tensors: dict[str, TensorEntry]
+    notes: tuple[str, ...] = ()  # how an ambiguous folder was read, for the plan's warnings
 
     @classmethod
     def open(cls, source: str) -> Checkpoint:
-        folder = resolve_model_folder(source)
-        return cls(source, folder, index_folder(folder))
+        return cls.from_folder(source, resolve_model_folder(source))
+
+    @classmethod
+    def from_folder(cls, source: str, folder: Path) -> Checkpoint:
+        return cls(source, folder, index_folder(folder), layout_notes(folder))
 
 
 def index_folder(folder: Path) -> dict[str, TensorEntry]:
-    """All tensors of a model folder, from `model.safetensors` or a sharded index."""
-    index_path = folder / INDEX_FILE
-    if index_path.exists():
-        return _index_sharded(index_path)
+    """All tensors of a model folder, read as `transformers` reads it: `model.safetensors`
+    when the folder has one (even beside an index, which transformers then ignores), else
+    the sharded index, else a lone safetensors file."""
     single = folder / SINGLE_FILE
     if single.exists():
         tensors, _ = read_header(single)
         return tensors
+    index_path = folder / INDEX_FILE
+    if index_path.exists():
+        return _index_sharded(index_path)
     if is_adapter_folder(folder):  # its adapter_model.safetensors must not pass for the model
         hint = " (this is a PEFT adapter folder, which is not a base model)"
         raise InputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found{hint}")
@@ -56,7 +63,20 @@ def index_folder(folder: Path) -> dict[str, TensorEntry]:
     raise InputError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found{hint}")
 
 
+def layout_notes(folder: Path) -> tuple[str, ...]:
+    """Say so when a folder holds both weight layouts: the index is ignored, as by transformers."""
+    if (folder / SINGLE_FILE).exists() and (folder / INDEX_FILE).exists():
+        return (
+            f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE}; reading {SINGLE_FILE}, as transformers "
+            "does (the index and its shards are ignored); remove the stale one to silence this",
+        )
+    return ()
+
+
 def _index_sharded(index_path: Path) -> dict[str, TensorEntry]:
+    """Every tensor the index maps, from its shard's header. Each shard must hold exactly the
+    tensors the index gives it: a tensor the index leaves out, or one stored in two shards,
+    would be loaded by transformers (which reads whole shards) but not merged by the index."""
     weight_map = _read_weight_map(index_path)
     tensors: dict[str, TensorEntry] = {}
     by_file: dict[str, list[str]] = {}
@@ -71,11 +91,29 @@ def _index_sharded(index_path: Path) -> dict[str, TensorEntry]:
             if name not in entries:
                 raise InputError(f"{path}: tensor {name!r} is listed in {index_path.name} but not in the file")
             tensors[name] = entries[name]
+        _check_unlisted(index_path, path, entries, weight_map)
     return tensors
+
+
+def _check_unlisted(index_path: Path, path: Path, entries: dict[str, TensorEntry], weight_map: dict) -> None:
+    """Refuse a shard tensor the index does not map to this shard (ambiguous, never dropped)."""
+    for name in sorted(entries):
+        mapped = weight_map.get(name)
+        if mapped is None:
+            raise InputError(
+                f"{path}: tensor {name!r} is in the file but missing from {index_path.name}; the merge would "
+                "drop it while transformers loads it: add it to the index's weight_map, or re-save the model"
+            )
+        if os.path.normpath(str(mapped)) != os.path.normpath(os.path.relpath(path, index_path.parent)):
+            raise InputError(
+                f"{path}: tensor {name!r} is stored in two shards (here and in {mapped}, where "
+                f"{index_path.name} maps it); which copy is the model's is ambiguous: re-save the model"
+            )
 
 
 def _read_weight_map(index_path: Path) -> dict[str, object]:
     """The index's `weight_map`: a JSON object of tensor name -> shard file."""
+    require_regular_file(index_path, "index")  # a FIFO would block the read
     try:
         index = json.loads(index_path.read_text())
     except OSError as exc:

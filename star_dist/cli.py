@@ -199,6 +199,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"write       {human_bytes(summary['bytes_to_write'])}")
     print(f"SVDs        {summary['svds']}")
     print(f"peak memory {human_bytes(summary['peak_memory_per_worker_bytes'])} per worker (estimate)")
+    for warning in summary["warnings"]:
+        print(f"warning     {warning}")
     return 0
 
 

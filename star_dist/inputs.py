@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint, index_folder, is_adapter_folder, resolve_model_folder
+from .checkpoint import Checkpoint, is_adapter_folder, resolve_model_folder
 from .errors import InputError
 from .lora import LoraAdapter, LoraSource
 from .safetensors_format import TensorEntry
@@ -61,5 +61,5 @@ def open_input(source: str, base: Checkpoint) -> FullInput | LoraAdapter:
     folder = resolve_model_folder(source)
     if is_adapter_folder(folder):
         return LoraAdapter.open(source, folder, base)
-    return FullInput(Checkpoint(source, folder, index_folder(folder)))
+    return FullInput(Checkpoint.from_folder(source, folder))
 

@@ -202,6 +202,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         fingerprint=fingerprint,
         n_svds=svd_ops,
         peak_memory_per_worker=_peak_memory(tensor_jobs, method.streaming, len(inputs)),
+        warnings=[*base.notes, *(n for inp in inputs if isinstance(inp, FullInput) for n in inp.checkpoint.notes)],
     )
 
 

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import torch
 
 from .errors import InputError
+from .files import require_regular_file
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -75,8 +76,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     that is not a well-formed safetensors file.
     """
     path = Path(path)
+    size = require_regular_file(path, "safetensors file").st_size  # a FIFO would block open()
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:

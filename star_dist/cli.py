@@ -10,13 +10,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from . import load_config
 from .config import DEFAULT_MAX_SHARD_SIZE, MergeConfig, RunOptions, parse_size
 from .errors import ConfigError, StarDistError
 
 EPILOG = "Config keys follow mergekit's. See the README for the reference and examples."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad value prints one line (`star-dist: error: ...`, status 2), not the
+    whole usage: the same shape as every other star-dist error; `--help` still shows usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"star-dist: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +63,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="star-dist", description="Merge fine-tuned models with STAR and baselines.",
+    parser = _Parser(prog="star-dist", description="Merge fine-tuned models with STAR and baselines.",
                                      epilog=EPILOG)
     from .output import package_version
 
@@ -93,8 +100,12 @@ def config_from_args(args: argparse.Namespace) -> MergeConfig:
     data: dict[str, Any] = {}
     base_dir = Path(".")
     if args.config:
+        # The raw file, not a validated config: flags apply first, then one validation
+        # reports every problem of file and flags together.
         base_dir = Path(args.config).parent
-        data = load_config(args.config).to_dict()
+        data = MergeConfig.read_yaml(args.config)
+        if not isinstance(data.get("parameters") or {}, dict):
+            return MergeConfig.from_dict(data, source=args.config)  # raises, naming the key
     if args.merge_method is not None and args.merge_method != data.get("merge_method", args.merge_method):
         data = _drop_foreign_params(data, args.merge_method)
     for key in ("merge_method", "base_model", "dtype", "out_dtype", "output_format"):
@@ -126,8 +137,8 @@ def _drop_foreign_params(data: dict[str, Any], method: str) -> dict[str, Any]:
     out = dict(data)
     out["parameters"] = {k: v for k, v in (data.get("parameters") or {}).items() if k in keep}
     out["models"] = [
-        {**m, "parameters": {k: v for k, v in m.get("parameters", {}).items() if k in per_model}}
-        if isinstance(m, dict) else m
+        {**m, "parameters": {k: v for k, v in (m.get("parameters") or {}).items() if k in per_model}}
+        if isinstance(m, dict) and isinstance(m.get("parameters") or {}, dict) else m
         for m in data.get("models", [])
     ]
     return out
@@ -171,7 +182,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError("--workers and --threads-per-worker must be at least 1")
     if not (options.connect_timeout_s > 0 and options.start_timeout_s > 0):
         raise ConfigError("--connect-timeout and --start-timeout must be positive numbers of seconds")
-    result = run_merge(config_from_args(args), args.out, options)
+    config = config_from_args(args)
+    for note in config.notes:  # said once, before the work starts
+        print(f"star-dist: note: {note}", file=sys.stderr)
+    result = run_merge(config, args.out, options)
     if not args.quiet:
         resumed = f" ({result.shards_resumed} resumed)" if result.shards_resumed else ""
         print(f"merged into {result.out_dir}: {result.shards_total} shard(s){resumed}, "
@@ -182,8 +196,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import build_plan
 
-    plan = build_plan(config_from_args(args), "merged", run_options(args))
+    config = config_from_args(args)
+    plan = build_plan(config, "merged", run_options(args))
     summary = plan.summary()
+    summary["warnings"] = [*config.notes, *summary["warnings"]]
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -191,7 +207,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"base        {summary['base_model']}")
     for model, kind in zip(summary["models"], summary["input_kinds"], strict=True):
         print(f"model       {model}  ({'LoRA adapter' if kind == 'LoraAdapter' else 'full checkpoint'})")
-    print(f"tensors     {summary['tensors']} ({summary['tensors_merged']} merged, the rest copied)")
+    print(f"tensors     {summary['tensors']} ({summary['tensors_merged']} merged, "
+          f"{summary['tensors'] - summary['tensors_merged']} copied)")
     print(f"shards      {len(summary['shards'])}")
     for shard in summary["shards"]:
         print(f"  {shard['file']}  {shard['tensors']} tensors  {human_bytes(shard['bytes'])}")
@@ -226,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"merge": cmd_merge, "plan": cmd_plan, "make-tiny": cmd_make_tiny}
     try:
         return handlers[args.command](args)
+    except BrokenPipeError:
+        # `star-dist plan | head`: the reader left; end quietly, as cat does.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except StarDistError as exc:
         message = " ".join(str(exc).split())
         print(f"star-dist: error: {message}", file=sys.stderr)

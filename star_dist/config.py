@@ -51,6 +51,28 @@ TOKENIZER_SOURCES = (None, "base")
 DEFAULT_METHOD = "star"
 DEFAULT_LAMBDA = 1.0
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3  # "5GB", as transformers' save_pretrained
+# TIES without a density: star_dist trims to the TIES paper's 0.2; mergekit keeps everything
+# (density 1). We keep the paper's default and say so in the plan and once at run time.
+TIES_DEFAULT_DENSITY = 0.2
+MERGEKIT_TIES_DEFAULT_DENSITY = 1.0
+
+# mergekit keys star_dist does not implement: refused by name, one problem each, never ignored.
+UNSUPPORTED_MERGEKIT_KEYS = {
+    "tokenizer": "star_dist copies the base's tokenizer files; mergekit's `tokenizer:` block is not supported",
+    "chat_template": "star_dist copies the base's chat template; `chat_template` is not supported",
+    "slices": "merging layer slices is not supported; merge whole models (leave out `slices:`)",
+    "layer_range": "merging a layer range is not supported; merge whole models",
+    "modules": "per-module merges are not supported",
+    "base_model_layers": "not supported",
+    "random_seed": "no method here is random; `random_seed` is not supported",
+}
+# mergekit methods star_dist does not implement (`linear` is accepted as an alias of average).
+UNSUPPORTED_MERGEKIT_METHODS = (
+    "slerp", "nuslerp", "multislerp", "passthrough", "dare_ties", "dare_linear", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "sce", "karcher", "nearswap",
+    "arcee_fusion", "model_breadcrumbs", "model_breadcrumbs_ties",
+)
+METHOD_ALIASES = {"linear": "average"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,8 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     output_format: str = "model"
+    # Things the plan must say about how the file was read (not part of the merge's meaning).
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def lambda_(self) -> float:
@@ -135,22 +159,55 @@ class MergeConfig:
         known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format",
                  "tokenizer_source"}
         for key in data:
-            if key not in known:
+            if key in UNSUPPORTED_MERGEKIT_KEYS:
+                problems.append(f"{key}: {UNSUPPORTED_MERGEKIT_KEYS[key]}")
+            elif key not in known:
                 problems.append(f"unknown key {key!r} (valid: {', '.join(sorted(known))})")
-        method = data.get("merge_method") or DEFAULT_METHOD
+        notes: list[str] = []
+        method = str(data.get("merge_method") or DEFAULT_METHOD)
+        spelled = method
+        if method in METHOD_ALIASES:
+            notes.append(f"merge_method {method!r} read as {METHOD_ALIASES[method]!r} (the same weighted mean)")
+            method = METHOD_ALIASES[method]
+        if method in UNSUPPORTED_MERGEKIT_METHODS:
+            problems.append(f"merge_method {method!r}: a mergekit method star_dist does not implement "
+                            "(use star, task_arithmetic, ties, average or linear)")
         base = data.get("base_model")
-        if not base:
-            problems.append("base_model is missing")
         models: list[ModelSpec] = []
         raw_models = data.get("models") or []
         if not isinstance(raw_models, list) or not raw_models:
             problems.append("models: no models to merge (give at least one under `models:`)")
             raw_models = []
+        first = _first_model_path(raw_models)
+        if not base and method == "average" and first is not None:
+            # mergekit's linear needs no base: Σ w_i W_i / Σ w_i. The engine computes
+            # W_ref + Σ w_i (W_i − W_ref) / Σ w_i, the same mean for any reference, so the
+            # first model serves as one (its own τ is zero); its files are the ones copied.
+            base = first
+            notes.append(f"no base_model: models[0] {first!r} is the reference for shapes and copied files; "
+                         "the result is the weighted mean of all models, as mergekit's linear")
+            if not _normalizes(data):
+                problems.append("parameters.normalize: false needs a base_model for average/linear "
+                                "(Σ w_i W_i without normalizing has no reference to add to)")
+        elif not base:
+            problems.append("base_model is missing")
+        elif spelled == "linear" and first is not None and str(base) not in _model_paths(raw_models):
+            # mergekit adds a base_model that is not under models: as one more input to average.
+            raw_models = [*raw_models, {"model": str(base)}]
+            notes.append(f"linear: base_model {str(base)!r} is not under models:, so it is averaged in as one "
+                         "more model (as mergekit does); list it under models: to set its weight")
         for i, entry in enumerate(raw_models):
             spec, errs = _parse_model_entry(entry, i)
             problems.extend(errs)
-            if spec is not None:
-                models.append(spec)
+            if spec is None:
+                continue
+            if base and spec.model == str(base) and method != "average":
+                # mergekit skips the base when it builds task vectors (its τ is zero anyway);
+                # counting it would turn STAR's 1/N mean into 1/(N+1).
+                notes.append(f"models[{i}] {spec.model!r} is also the base_model: not counted as a "
+                             "fine-tune (as mergekit does)")
+                continue
+            models.append(spec)
         params = data.get("parameters") or {}
         if not isinstance(params, Mapping):
             problems.append("parameters must be a mapping")
@@ -169,16 +226,22 @@ class MergeConfig:
         output_format = str(data.get("output_format", "model"))
         if output_format not in OUTPUT_FORMATS:
             problems.append(f"output_format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+        if method == "ties" and "density" not in params and models and not all(
+                "density" in m.parameters for m in models):
+            notes.append(f"ties: no density given, so star_dist trims each task vector to "
+                         f"{TIES_DEFAULT_DENSITY} (mergekit's default is {MERGEKIT_TIES_DEFAULT_DENSITY}: "
+                         "set `density: 1` for mergekit's result)")
         if problems:
             raise ConfigError(f"{source}: " + "; ".join(problems))
         config = cls(
-            merge_method=str(method),
+            merge_method=method,
             base_model=str(base),
             models=tuple(models),
             parameters=dict(params),
             dtype=None if dtype is None else str(dtype),
             out_dtype=None if out_dtype is None else str(out_dtype),
             output_format=output_format,
+            notes=tuple(notes),
         )
         config.validate(source)
         return config
@@ -216,6 +279,20 @@ class MergeConfig:
         config = cls.from_dict(data or {}, source=str(path))
         return config.resolve_paths(path.parent)
 
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict[str, Any]:
+        """The file's raw mapping, unvalidated: the CLI applies its flags before validating."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return dict(data or {})
+
     def resolve_paths(self, relative_to: Path) -> MergeConfig:
         """Make relative local paths relative to the config file's folder, not the cwd."""
 
@@ -231,7 +308,28 @@ class MergeConfig:
             dtype=self.dtype,
             out_dtype=self.out_dtype,
             output_format=self.output_format,
+            notes=self.notes,
         )
+
+
+def _model_paths(raw_models: list[Any]) -> list[str]:
+    """The `model:` of each well-formed raw entry (strings count), for base/models matching."""
+    return [str(e) if isinstance(e, str) else str(e["model"])
+            for e in raw_models if isinstance(e, str) or (isinstance(e, Mapping) and "model" in e)]
+
+
+def _first_model_path(raw_models: list[Any]) -> str | None:
+    paths = _model_paths(raw_models)
+    return paths[0] if paths else None
+
+
+def _normalizes(data: Mapping[str, Any]) -> bool:
+    """Whether a linear/average config normalizes its weights (mergekit's default: yes)."""
+    params = data.get("parameters")
+    if not isinstance(params, Mapping) or "normalize" not in params:
+        return True
+    value = params["normalize"]
+    return value is True or str(value).lower() in ("true", "1", "yes")
 
 
 def number_problem(value: Any) -> str | None:

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .mergekit_params import evaluate, is_per_tensor, leaves, setting_problems
 
 DTYPE_NAMES = {
     "float32": "F32",
@@ -83,7 +84,7 @@ class ModelSpec:
     """
 
     model: str
-    weight: float | None = None
+    weight: Any = None  # a number, or mergekit's per-tensor setting (a gradient, conditionals)
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -103,7 +104,32 @@ class MergeConfig:
 
     @property
     def lambda_(self) -> float:
-        return float(self.parameters.get("lambda", DEFAULT_LAMBDA))
+        return self.tensor_values("", 0.0)[3]
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether some parameter is a gradient or a list of conditionals (mergekit's per-tensor values)."""
+        return any(is_per_tensor(v) for v in self.parameters.values()) or any(
+            is_per_tensor(m.weight) or any(is_per_tensor(v) for v in m.parameters.values()) for m in self.models)
+
+    def tensor_values(
+        self, tensor_name: str, t: float
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[float | None], float]:
+        """One tensor's method parameters, per-model parameters, weights and λ, as mergekit
+        reads them: a model's own setting, else the top-level one, else the method's default."""
+        glob = {k: v for k, v in ((k, evaluate(v, tensor_name, t)) for k, v in self.parameters.items())
+                if v is not None}
+        own = [{k: v for k, v in ((k, evaluate(v, tensor_name, t)) for k, v in m.parameters.items())
+                if v is not None} for m in self.models]
+        default = glob.get("weight")
+        weights = []
+        for m in self.models:
+            w = evaluate(m.weight, tensor_name, t)
+            w = default if w is None else w
+            weights.append(None if w is None or number_problem(w) else float(w))
+        method_params = {k: v for k, v in glob.items() if k not in ENGINE_PARAMS}
+        lambda_ = glob.get("lambda", DEFAULT_LAMBDA)  # a bad value is reported by problems()
+        return method_params, own, weights, DEFAULT_LAMBDA if number_problem(lambda_) else float(lambda_)
 
     @property
     def compute_dtype(self) -> str:
@@ -116,18 +142,17 @@ class MergeConfig:
         return self.out_dtype or self.dtype
 
     def model_weights(self) -> list[float | None]:
-        """Each model's weight: its own, else the top-level `weight` (mergekit's default), else None."""
-        default = self.parameters.get("weight")
-        return [m.weight if m.weight is not None else (None if default is None else float(default))
-                for m in self.models]
+        """Each model's weight: its own, else the top-level `weight` (mergekit's default), else None.
+        Per-tensor settings read as for a tensor outside the layers (t = 0, no name)."""
+        return self.tensor_values("", 0.0)[2]
 
     def method_params(self) -> dict[str, Any]:
         """Method-specific parameters (η, density): the global ones minus engine-owned keys."""
-        return {k: v for k, v in self.parameters.items() if k not in ENGINE_PARAMS}
+        return self.tensor_values("", 0.0)[0]
 
     def model_method_params(self) -> list[dict[str, Any]]:
         """Each model's own method parameters (TIES: density), empty where it gives none."""
-        return [dict(m.parameters) for m in self.models]
+        return self.tensor_values("", 0.0)[1]
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data, in mergekit's layout (for the model card and the plan)."""
@@ -212,6 +237,10 @@ class MergeConfig:
         if not isinstance(params, Mapping):
             problems.append("parameters must be a mapping")
             params = {}
+        malformed = {key for key, setting in params.items() if setting_problems(setting, f"parameters.{key}")}
+        for key in malformed:
+            problems.extend(setting_problems(params[key], f"parameters.{key}"))
+        params = {k: v for k, v in params.items() if k not in malformed}
         dtype = data.get("dtype")
         if dtype is not None and str(dtype) not in DTYPE_NAMES:
             problems.append(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
@@ -231,11 +260,9 @@ class MergeConfig:
             notes.append(f"ties: no density given, so star_dist trims each task vector to "
                          f"{TIES_DEFAULT_DENSITY} (mergekit's default is {MERGEKIT_TIES_DEFAULT_DENSITY}: "
                          "set `density: 1` for mergekit's result)")
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(problems))
         config = cls(
             merge_method=method,
-            base_model=str(base),
+            base_model=str(base or ""),
             models=tuple(models),
             parameters=dict(params),
             dtype=None if dtype is None else str(dtype),
@@ -243,27 +270,55 @@ class MergeConfig:
             output_format=output_format,
             notes=tuple(notes),
         )
-        config.validate(source)
+        # The method's own checks join the file's problems: one message, never two rounds.
+        problems += [p for p in config.problems() if not (p.startswith("models:") and not models)]
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
         return config
 
     def validate(self, source: str = "config") -> None:
         """Check the method and its parameters (η range, density range, λ) all together."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(f"{source}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem of the method and its parameters, each with its key path."""
         from .methods import get_method  # the registry knows each method's params
 
         problems: list[str] = []
-        try:
-            get_method(self.merge_method, self.method_params(), self.model_method_params())
-        except ConfigError as exc:
-            problems.append(str(exc))
+        for path, glob, own in self._leaf_variants():
+            try:
+                get_method(self.merge_method, glob, own)
+            except ConfigError as exc:
+                problem = f"{path}: {exc}" if path else str(exc)
+                if problem not in problems:
+                    problems.append(problem)
         for key in ENGINE_PARAMS:
-            if key in self.parameters:
-                problem = number_problem(self.parameters[key])
+            for leaf in leaves(self.parameters.get(key)) if key in self.parameters else []:
+                problem = number_problem(leaf)
                 if problem:
-                    problems.append(f"parameters.{key} {self.parameters[key]!r} {problem}")
+                    problems.append(f"parameters.{key} {leaf!r} {problem}")
         if not self.models:
             problems.append("models: no models to merge")
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(problems))
+        return problems
+
+    def _leaf_variants(self) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+        """Scalar parameter sets that together try every value a per-tensor setting can
+        take, each with the key path it came from, so validation checks all of them."""
+        glob, own, _, _ = self.tensor_values("", 0.0)
+        variants: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = [("", glob, own)]
+        for key, setting in self.parameters.items():
+            if is_per_tensor(setting) and key not in ENGINE_PARAMS:
+                variants += [(f"parameters.{key}", {**glob, key: leaf}, own) for leaf in leaves(setting)]
+        for i, m in enumerate(self.models):
+            for key, setting in m.parameters.items():
+                if is_per_tensor(setting):
+                    for leaf in leaves(setting):
+                        changed = [dict(p) for p in own]
+                        changed[i][key] = leaf
+                        variants.append((f"models[{i}].parameters.{key}", glob, changed))
+        return variants
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
@@ -353,8 +408,19 @@ def _parse_model_entry(entry: Any, index: int) -> tuple[ModelSpec | None, list[s
     if not isinstance(params, Mapping):
         return None, [f"models[{index}].parameters: expected a mapping such as {{weight: 0.5}}, got {params!r}"]
     problems = []
+    malformed = set()  # left out of the spec, so the method's checks see only well-formed values
+    for key, setting in params.items():
+        errs = setting_problems(setting, f"models[{index}].parameters.{key}")
+        problems.extend(errs)
+        if errs:
+            malformed.add(key)
+    params = {k: v for k, v in params.items() if k not in malformed}
     weight = params.get("weight")
-    if weight is not None:
+    if isinstance(weight, list):  # per-tensor: every value it can take must be a number
+        bad = [(leaf, number_problem(leaf)) for leaf in leaves(weight) if number_problem(leaf)]
+        problems += [f"models[{index}].parameters.weight {leaf!r} {why}" for leaf, why in bad]
+        weight = None if bad else weight
+    elif weight is not None:
         problem = number_problem(weight)
         if problem:
             problems.append(f"models[{index}].parameters.weight {weight!r} {problem}")

@@ -8,12 +8,15 @@ that lets each model's whole task vector set its own statistics (trim threshold)
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from .errors import DataError, MergeError
 from .lora import LoraSource
+from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
 from .plan import Source, TensorJob
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
@@ -53,7 +56,31 @@ class TensorMerger:
         self.config_dtype = COMPUTE_DTYPES[compute_dtype]
         self.dtype = self.config_dtype
 
+    # -- mergekit per-tensor values (TensorJob.params, resolved by the plan) ---------------------
     def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
+        """`_merge` with this tensor's own method parameters, weights and λ when it has any."""
+        with self._tensor_params(job):
+            return self._merge(job)
+
+    def merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """`_merge_factors` with this tensor's own values when it has any."""
+        with self._tensor_params(job):
+            return self._merge_factors(job)
+
+    @contextmanager
+    def _tensor_params(self, job: TensorJob) -> Iterator[None]:
+        if job.params is None:
+            yield
+            return
+        saved = self.method, self.weights, self.lambda_
+        self.method = method_for(self.method.name, job.params)
+        self.weights, self.lambda_ = job.params.weights, job.params.lambda_
+        try:
+            yield
+        finally:
+            self.method, self.weights, self.lambda_ = saved
+
+    def _merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
         """The merged tensor in its output dtype (on the CPU) and its report entry."""
         start = time.perf_counter()
         if not job.merge:  # non-float: checked identical in plan, copied from the base
@@ -78,7 +105,7 @@ class TensorMerger:
         report.update(_collate(per_model))
         return out.cpu(), report
 
-    def merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def _merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """The merged update λ Σ_i w_i f(τ_i) of one LoRA-adapted module as PEFT factors
         (lora_B (out, R), lora_A (R, in)) with R = Σ kept ranks: exact, never formed densely."""
         start = time.perf_counter()

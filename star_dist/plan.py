@@ -21,6 +21,7 @@ from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import ConfigError, InputError
 from .inputs import FullInput, LoraAdapter, LoraSource, open_input
 from .lora import ADAPTER_FILE
+from .mergekit_params import TensorParams, count_layers, resolve_tensor_params
 from .methods import MergeMethod, get_method
 from .output import package_version
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
@@ -40,6 +41,7 @@ class TensorJob:
     models: tuple[Source, ...]
     merge: bool  # False: a non-float tensor, copied from the base
     adapter: bool = False  # True: the output is this module's merged LoRA factors
+    params: TensorParams | None = None  # mergekit per-tensor values (gradients, filters); None: the shard's
 
     @property
     def out_bytes(self) -> int:
@@ -147,6 +149,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     if config.output_format == "adapter":
         check_adapter_output(config, method, inputs)
     tensor_jobs: list[TensorJob] = []
+    n_layers = count_layers(base.tensors)  # mergekit's gradients run over the layer index
     for name in sorted(base.tensors, key=natural_key):
         entry = base.tensors[name]
         sources = tuple(inp.source_for(name, entry) for inp in inputs)
@@ -154,7 +157,9 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         if not merge:
             _check_identical_copies(name, entry, sources)
         out_dtype = (out_dtype_code or entry.dtype) if merge else entry.dtype
-        tensor_jobs.append(TensorJob(name, entry.shape, out_dtype, entry, sources, merge))
+        params = (resolve_tensor_params(config, config.merge_method, name, n_layers)
+                  if merge and config.per_tensor else None)
+        tensor_jobs.append(TensorJob(name, entry.shape, out_dtype, entry, sources, merge, params=params))
     for inp in inputs:
         inp.check_no_extra(set(base.tensors))
 
@@ -254,7 +259,8 @@ def _check_base_config(base: Checkpoint) -> None:
 def _as_adapter_job(job: TensorJob, out_dtype_code: str | None) -> TensorJob:
     """The module's merged factors: dtype of the adapters (or out_dtype), same sources."""
     first = next(s for s in job.models if isinstance(s, LoraSource))
-    return TensorJob(job.name, job.shape, out_dtype_code or first.a.dtype, job.base, job.models, True, adapter=True)
+    return TensorJob(job.name, job.shape, out_dtype_code or first.a.dtype, job.base, job.models, True, adapter=True,
+                     params=job.params)
 
 
 def _check_identical_copies(name: str, entry: TensorEntry, sources: tuple[Source, ...]) -> None:

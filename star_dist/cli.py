@@ -200,13 +200,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = build_plan(config, "merged", run_options(args))
     summary = plan.summary()
     summary["warnings"] = [*config.notes, *summary["warnings"]]
+    resolved = resolved_parameters(config, plan.shards[0].weights if plan.shards else ())
+    summary["resolved"] = resolved
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"method      {summary['method']}  {summary['parameters'] or ''}")
+    print(f"method      {summary['method']}")
+    print(f"parameters  {flow_yaml(resolved['parameters'])}")
     print(f"base        {summary['base_model']}")
-    for model, kind in zip(summary["models"], summary["input_kinds"], strict=True):
-        print(f"model       {model}  ({'LoRA adapter' if kind == 'LoraAdapter' else 'full checkpoint'})")
+    for model, kind, own in zip(summary["models"], summary["input_kinds"], resolved["models"], strict=True):
+        print(f"model       {model}  ({'LoRA adapter' if kind == 'LoraAdapter' else 'full checkpoint'})  "
+              f"{flow_yaml(own)}")
     print(f"tensors     {summary['tensors']} ({summary['tensors_merged']} merged, "
           f"{summary['tensors'] - summary['tensors_merged']} copied)")
     print(f"shards      {len(summary['shards'])}")
@@ -219,6 +223,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for warning in summary["warnings"]:
         print(f"warning     {warning}")
     return 0
+
+
+def resolved_parameters(config: MergeConfig, weights: tuple[float, ...]) -> dict[str, Any]:
+    """Every value the merge uses, defaults included: the method's parameters, λ, and each
+    model's weight and own parameters. A per-tensor setting is shown as written (a gradient,
+    conditionals): its value differs by tensor."""
+    from .methods import get_method
+
+    method = get_method(config.merge_method, config.method_params(), config.model_method_params())
+    glob = method.params_dict()
+    params = {**glob, "lambda": config.parameters.get("lambda", config.lambda_)}
+    for key, setting in config.parameters.items():
+        if isinstance(setting, list):
+            params[key] = setting
+    models = []
+    for i, m in enumerate(config.models):
+        entry: dict[str, Any] = {"weight": m.weight if isinstance(m.weight, list) else
+                                 (weights[i] if i < len(weights) else m.weight)}
+        for key in method.per_model_params:
+            entry[key] = m.parameters.get(key, config.parameters.get(key, glob.get(key)))
+        models.append(entry)
+    return {"parameters": params, "models": models}
+
+
+def flow_yaml(value: Any) -> str:
+    """One line of YAML (`{density: 0.2, normalize: true}`), as a config file would say it."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
 
 
 def human_bytes(n: float) -> str:

@@ -136,6 +136,10 @@ def test_plan_shows_notes_and_exact_counts(tiny_fp32: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "also the base_model" in result.stdout
     assert "mergekit's default is 1.0" in result.stdout
+    # every resolved value, defaults included, in YAML
+    assert "parameters  {density: 0.2, normalize: true, int8_mask: false, lambda: 1.0}" in result.stdout
+    assert "{weight: 1.0, density: 0.2}" in result.stdout
+    assert "True" not in result.stdout and "'" not in result.stdout.split("warning")[0]
     line = next(x for x in result.stdout.splitlines() if x.startswith("tensors"))
     total, merged = line.split()[1], line.split("(")[1].split()[0]
     assert line.endswith(f"{merged} merged, {int(total) - int(merged)} copied)"), line

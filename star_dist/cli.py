@@ -7,6 +7,7 @@ prints one line `star-dist: error: ...` and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="output folder (must be empty, a resumable run of the same merge, or --overwrite)")
     merge.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     merge.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    merge.add_argument("--json", action="store_true",
+                       help="print a JSON summary on stdout when done (for pipelines; implies no progress bar)")
     _run_args(merge)
 
     plan = sub.add_parser("plan", help="dry run: validate inputs, show shards, bytes, memory, SVD count",
@@ -185,12 +188,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     for note in config.notes:  # said once, before the work starts
         print(f"star-dist: note: {note}", file=sys.stderr)
+    if args.json:
+        options = dataclasses.replace(options, quiet=True)  # stdout carries the JSON only
     result = run_merge(config, args.out, options)
-    if not args.quiet:
+    if args.json:
+        print(json.dumps(merge_summary(config, result), indent=2))
+    elif not args.quiet:
         resumed = f" ({result.shards_resumed} resumed)" if result.shards_resumed else ""
         print(f"merged into {result.out_dir}: {result.shards_total} shard(s){resumed}, "
               f"{len(result.report['tensors'])} tensors")
     return 0
+
+
+def merge_summary(config: MergeConfig, result: Any) -> dict[str, Any]:
+    """What a pipeline needs from a finished merge: where, what, and the config as merged."""
+    return {
+        "out_dir": str(result.out_dir),
+        "method": config.merge_method,
+        "base_model": config.base_model,
+        "models": [m.model for m in config.models],
+        "files": list(result.files),
+        "shards_total": result.shards_total,
+        "shards_resumed": result.shards_resumed,
+        "tensors": len(result.report["tensors"]),
+        "config": config.to_dict(),
+        "notes": list(config.notes),
+    }
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

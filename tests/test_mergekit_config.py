@@ -168,3 +168,13 @@ def test_plan_into_a_closed_pipe_is_quiet(tiny_fp32: Path) -> None:
         os.close(write_end)
     assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 1
+
+
+def test_merge_json_summary_is_the_only_stdout(tiny_fp32: Path, tmp_path: Path) -> None:
+    result = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "out"), "--runtime", "local", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # nothing else on stdout
+    assert summary["out_dir"] == str(tmp_path / "out") or Path(summary["out_dir"]).resolve() == (tmp_path / "out")
+    assert summary["shards_total"] >= 1 and summary["shards_resumed"] == 0
+    assert summary["tensors"] > 5 and summary["method"] == "star"
+    assert all((tmp_path / "out" / f).exists() for f in summary["files"])

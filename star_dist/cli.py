@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--models", type=int, default=3, help="number of fine-tunes (default 3)")
     tiny.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--lora", type=int, default=0, metavar="N",
+                      help="also write N PEFT LoRA adapters lora0/.. and merge_lora.yaml (default 0)")
     return parser
 
 
@@ -288,8 +290,12 @@ def human_bytes(n: float) -> str:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny_models import make_tiny_merge
 
-    config_path = make_tiny_merge(Path(args.folder), n_models=args.models, dtype=args.dtype, seed=args.seed)
-    print(f"wrote tiny checkpoints and {config_path}")
+    if args.models < 1 or args.lora < 0:
+        raise ConfigError("make-tiny: --models must be at least 1 and --lora at least 0")
+    config_path = make_tiny_merge(Path(args.folder), n_models=args.models, dtype=args.dtype, seed=args.seed,
+                                  lora=args.lora)
+    extra = f" and {args.lora} LoRA adapter(s) with {config_path.parent / 'merge_lora.yaml'}" if args.lora else ""
+    print(f"wrote tiny checkpoints and {config_path}{extra}")
     return 0
 
 

@@ -131,8 +131,10 @@ def make_tiny_merge(
     shape: TinyShape | None = None,
     shards: int = 2,
     method: str = "star",
+    lora: int = 0,
 ) -> Path:
-    """Write base/, ft0/…ft{N-1}/ and merge.yaml (STAR, η = 40) under `folder`."""
+    """Write base/, ft0/…ft{N-1}/ and merge.yaml (STAR, η = 40) under `folder`; with
+    `lora` > 0 also lora0/… PEFT adapters and merge_lora.yaml, so adapter examples run offline."""
     shape = shape or TinyShape()
     base = make_base(shape, seed)
     config = llama_config(shape, dtype)
@@ -148,4 +150,36 @@ def make_tiny_merge(
     path = folder / "merge.yaml"
     header = f"# star-dist merge {path} OUT   (paths are relative to this file)\n"
     path.write_text(header + yaml.safe_dump(merge, sort_keys=False))
+    if lora > 0:
+        for i in range(lora):
+            save_adapter(folder / f"lora{i}", base, dtype, seed + 5000 * (i + 1))
+        lora_merge = {**merge, "models": [{"model": f"lora{i}"} for i in range(lora)]}
+        lora_path = folder / "merge_lora.yaml"
+        lora_path.write_text(f"# star-dist merge {lora_path} OUT   (LoRA adapters; add --output-format adapter "
+                             "for one merged adapter)\n" + yaml.safe_dump(lora_merge, sort_keys=False))
     return path
+
+
+LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def save_adapter(folder: Path, base: dict[str, torch.Tensor], dtype: str, seed: int, rank: int = 4) -> None:
+    """A PEFT LoRA adapter as `save_pretrained` lays it out: adapter_config.json and
+    adapter_model.safetensors with `base_model.model.<module>.lora_{A,B}.weight` for the
+    attention q/v projections of every layer (B non-zero, so the adapter changes something)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, w in sorted(base.items()):
+        module = name.removesuffix(".weight")
+        if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in LORA_TARGETS:
+            continue
+        out_features, in_features = w.shape
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=g) * 0.1
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=g) * 0.1
+    save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS),
+              "base_model_name_or_path": "../base", "bias": "none", "fan_in_fan_out": False,
+              "task_type": "CAUSAL_LM"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,33 @@
+"""`make-tiny --lora N`: PEFT adapters that star_dist reads as adapters and that change the merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .conftest import run_cli
+
+
+def test_make_tiny_lora_adapters_merge_offline(tmp_path: Path) -> None:
+    made = run_cli("make-tiny", str(tmp_path / "demo"), "--models", "2", "--lora", "2", "--dtype", "float32")
+    assert made.returncode == 0, made.stderr
+    demo = tmp_path / "demo"
+    for i in range(2):
+        assert (demo / f"lora{i}" / "adapter_config.json").exists()
+    assert "merge_lora.yaml" in made.stdout
+    full = run_cli("merge", str(demo / "merge_lora.yaml"), str(tmp_path / "full"), "--runtime", "local", "-q")
+    assert full.returncode == 0, full.stderr
+    adapter = run_cli("merge", str(demo / "merge_lora.yaml"), str(tmp_path / "adapter"), "--runtime", "local", "-q",
+                      "--output-format", "adapter")
+    assert adapter.returncode == 0, adapter.stderr
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    base = {}
+    for f in sorted((demo / "base").glob("*.safetensors")):
+        base.update(load_file(f))
+    merged = {}
+    for f in sorted((tmp_path / "full").glob("*.safetensors")):
+        merged.update(load_file(f))
+    changed = sorted(n for n in base if not torch.equal(base[n], merged[n]))
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed), changed

@@ -61,7 +61,6 @@ MERGEKIT_TIES_DEFAULT_DENSITY = 1.0
 UNSUPPORTED_MERGEKIT_KEYS = {
     "tokenizer": "star_dist copies the base's tokenizer files; mergekit's `tokenizer:` block is not supported",
     "chat_template": "star_dist copies the base's chat template; `chat_template` is not supported",
-    "slices": "merging layer slices is not supported; merge whole models (leave out `slices:`)",
     "layer_range": "merging a layer range is not supported; merge whole models",
     "modules": "per-module merges are not supported",
     "base_model_layers": "not supported",
@@ -101,6 +100,9 @@ class MergeConfig:
     output_format: str = "model"
     # Things the plan must say about how the file was read (not part of the merge's meaning).
     notes: tuple[str, ...] = field(default=(), compare=False)
+    # From a mergekit `slices:` config: the one layer range every source uses. The plan
+    # checks it is the whole model ([0, L]), the only slice star_dist merges.
+    layer_range: tuple[int, int] | None = None
 
     @property
     def lambda_(self) -> float:
@@ -182,7 +184,10 @@ class MergeConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format",
-                 "tokenizer_source"}
+                 "tokenizer_source", "slices"}
+        layer_range = None
+        if "slices" in data:
+            data, layer_range = _from_slices(data, problems)
         for key in data:
             if key in UNSUPPORTED_MERGEKIT_KEYS:
                 problems.append(f"{key}: {UNSUPPORTED_MERGEKIT_KEYS[key]}")
@@ -269,6 +274,7 @@ class MergeConfig:
             out_dtype=None if out_dtype is None else str(out_dtype),
             output_format=output_format,
             notes=tuple(notes),
+            layer_range=layer_range,
         )
         # The method's own checks join the file's problems: one message, never two rounds.
         problems += [p for p in config.problems() if not (p.startswith("models:") and not models)]
@@ -364,7 +370,43 @@ class MergeConfig:
             out_dtype=self.out_dtype,
             output_format=self.output_format,
             notes=self.notes,
+            layer_range=self.layer_range,
         )
+
+
+def _from_slices(data: Mapping[str, Any], problems: list[str]) -> tuple[dict[str, Any], tuple[int, int] | None]:
+    """mergekit's `slices:` as `models:` when it means a whole-model merge: one slice whose
+    sources all use the same layer_range (the plan checks it spans every layer). Slice-level
+    parameters and base_model come before the top-level ones, as in mergekit."""
+    out = {k: v for k, v in data.items() if k != "slices"}
+    slices = data.get("slices")
+    if data.get("models"):
+        problems.append("slices: give `models:` or `slices:`, not both (as mergekit)")
+        return out, None
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
+        problems.append("slices: star_dist merges whole models: give one slice whose sources all use the same "
+                        "full layer_range (stacking layer ranges is not supported)")
+        return out, None
+    sources = slices[0].get("sources")
+    if not isinstance(sources, list) or not sources or not all(
+            isinstance(s, Mapping) and "model" in s and "layer_range" in s for s in sources):
+        problems.append("slices[0].sources: expected a list of {model: ..., layer_range: [start, end]}")
+        return out, None
+    ranges = {tuple(s["layer_range"]) if isinstance(s["layer_range"], list) else s["layer_range"] for s in sources}
+    first = next(iter(ranges))
+    if len(ranges) != 1 or not (isinstance(first, tuple) and len(first) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in first)):
+        problems.append(f"slices[0].sources: every source must use the same layer_range [start, end] (got "
+                        f"{sorted(map(str, ranges))}); star_dist merges whole models only")
+        return out, None
+    unknown = sorted(set(slices[0]) - {"sources", "parameters", "base_model"})
+    problems.extend(f"slices[0].{key}: not supported" for key in unknown)
+    out["models"] = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sources]
+    if isinstance(slices[0].get("parameters"), Mapping):
+        out["parameters"] = {**(data.get("parameters") or {}), **slices[0]["parameters"]}
+    if slices[0].get("base_model"):
+        out["base_model"] = slices[0]["base_model"]
+    return out, (int(first[0]), int(first[1]))
 
 
 def _model_paths(raw_models: list[Any]) -> list[str]:

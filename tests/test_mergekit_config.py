@@ -178,3 +178,30 @@ def test_merge_json_summary_is_the_only_stdout(tiny_fp32: Path, tmp_path: Path) 
     assert summary["shards_total"] >= 1 and summary["shards_resumed"] == 0
     assert summary["tensors"] > 5 and summary["method"] == "star"
     assert all((tmp_path / "out" / f).exists() for f in summary["files"])
+
+
+def _slices(tiny: Path, layer_range: list[int], second: list[int] | None = None) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(tiny / "base"),
+            "slices": [{"sources": [{"model": str(tiny / "ft0"), "layer_range": layer_range,
+                                     "parameters": {"weight": 0.7}},
+                                    {"model": str(tiny / "ft1"), "layer_range": second or layer_range}]}]}
+
+
+def test_slices_over_the_whole_model_are_a_models_merge(tiny_fp32: Path, tmp_path: Path) -> None:
+    a = star_dist.merge(_slices(tiny_fp32, [0, 2]), tmp_path / "a", quiet=True)
+    b = star_dist.merge({"merge_method": "task_arithmetic", "base_model": str(tiny_fp32 / "base"),
+                         "models": [{"model": str(tiny_fp32 / "ft0"), "parameters": {"weight": 0.7}},
+                                    str(tiny_fp32 / "ft1")]}, tmp_path / "b", quiet=True)
+    got, want = _load(a.out_dir), _load(b.out_dir)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_slices_other_than_the_whole_model_are_refused(tiny_fp32: Path) -> None:
+    with pytest.raises(ConfigError, match=r"layer_range \[0, 1\] is not the whole model \(\[0, 2\]"):
+        star_dist.plan(_slices(tiny_fp32, [0, 1]))
+    with pytest.raises(ConfigError, match="every source must use the same layer_range"):
+        MergeConfig.from_dict(_slices(tiny_fp32, [0, 2], [1, 3]))
+    two = _slices(tiny_fp32, [0, 2])
+    two["slices"] = two["slices"] * 2
+    with pytest.raises(ConfigError, match="give one slice"):
+        MergeConfig.from_dict(two)

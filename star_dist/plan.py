@@ -150,6 +150,11 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         check_adapter_output(config, method, inputs)
     tensor_jobs: list[TensorJob] = []
     n_layers = count_layers(base.tensors)  # mergekit's gradients run over the layer index
+    if config.layer_range is not None and config.layer_range != (0, n_layers):
+        raise ConfigError(
+            f"slices: layer_range {list(config.layer_range)} is not the whole model ([0, {n_layers}] for "
+            f"{config.base_model}); star_dist merges whole models only"
+        )
     for name in sorted(base.tensors, key=natural_key):
         entry = base.tensors[name]
         sources = tuple(inp.source_for(name, entry) for inp in inputs)

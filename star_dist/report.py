@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .methods import get_method
 from .output import package_version, write_atomic
 from .plan import MergePlan
@@ -37,16 +39,29 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     write_atomic(out_dir / "merge_report.json", (json.dumps(report, indent=1) + "\n").encode())
 
 
+def card_front_matter(config: Any) -> str:
+    """The hub's metadata block: base_model (the hub id, else the folder's name), its relation
+    `merge`, library and tags; through huggingface_hub's ModelCardData when it is installed
+    (the `hub` extra), else the same keys written by hand."""
+    is_hub_id = not Path(config.base_model).exists()
+    data = {
+        "base_model": config.base_model if is_hub_id else Path(config.base_model).resolve().name,
+        "base_model_relation": "merge",
+        "library_name": "peft" if config.output_format == "adapter" else "transformers",
+        "tags": ["merge", "star_dist", config.merge_method],
+    }
+    try:
+        from huggingface_hub import ModelCardData
+    except ImportError:
+        return yaml.safe_dump(data, sort_keys=False).strip()
+    return ModelCardData(**data).to_yaml().strip()
+
+
 def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
     """A README.md: front matter for the hub, then method, parameters, inputs, exact config."""
     config = plan.config
     method = get_method(config.merge_method, config.method_params())
-    is_hub_id = not Path(config.base_model).exists()
-    library = "peft" if config.output_format == "adapter" else "transformers"
-    front = ["---", f"library_name: {library}", "tags:", "- merge", "- star_dist", f"- {config.merge_method}"]
-    if is_hub_id:
-        front.append(f"base_model: {config.base_model}")
-    front.append("---")
+    front = ["---", *card_front_matter(config).splitlines(), "---"]
     weights = report["weights"]
     rows = "\n".join(
         f"| {i + 1} | `{m.model}` | {weights[i]:.6g} |" for i, m in enumerate(config.models)
@@ -57,7 +72,7 @@ def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
         "",
         f"# {plan.out_dir.name}",
         "",
-        f"This model was merged with [star_dist](https://pypi.org/project/star-dist/) "
+        f"This model was merged with star_dist "
         f"{report['star_dist_version']} using **{config.merge_method}**.",
         "",
         f"Method reference: {method.reference or 'see the star_dist README'}.",

@@ -31,3 +31,19 @@ def test_make_tiny_lora_adapters_merge_offline(tmp_path: Path) -> None:
         merged.update(load_file(f))
     changed = sorted(n for n in base if not torch.equal(base[n], merged[n]))
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed), changed
+
+
+def test_model_card_front_matter(tiny_fp32: Path, tmp_path: Path) -> None:
+    """Hub metadata: base_model (the folder's name for a local base), relation merge, tags."""
+    import yaml
+
+    import star_dist
+
+    result = star_dist.merge(tiny_fp32 / "merge.yaml", tmp_path / "out", quiet=True)
+    text = (result.out_dir / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == "base" and front["base_model_relation"] == "merge"
+    assert front["library_name"] == "transformers"
+    assert front["tags"] == ["merge", "star_dist", "star"]
+    assert "pypi.org" not in text  # no link to a package page that does not exist

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 # The golden file travels with the repository (tests/data/README.md says where it came from),
 # so a fresh clone passes its own tests; STAR_DIST_GOLDEN points at another copy to compare.
-GOLDEN = Path(os.environ.get("STAR_DIST_GOLDEN", Path(__file__).resolve().parents[1] / "data" / "star_cases.safetensors"))
+CARRIED = Path(__file__).resolve().parents[1] / "data" / "star_cases.safetensors"
+GOLDEN = Path(os.environ.get("STAR_DIST_GOLDEN", CARRIED))
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,16 @@ word an `OSError` as what went wrong, on which path, and what to do about it.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import InputError, OutputError, StarDistError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # errno -> (what happened, the fix), for the failures a user can act on.
 _OS_FAULTS: dict[int, tuple[str, str]] = {
@@ -45,6 +50,32 @@ def output_os_error(exc: OSError, action: str, fallback_path: str | Path | None 
     """An OSError met writing the output, as one line with the fix."""
     message, fix = os_fault(exc, action, fallback_path)
     return OutputError(f"{message}; {fix}")
+
+
+def converts_os_errors(action: str) -> Callable[[F], F]:
+    """Decorate a function that writes the output: an OSError it meets leaves as one
+    OutputError line (`<path>: cannot <action> (<what>); <fix>`). The path is the one the
+    OS named, else the function's first Path argument.
+
+    Args:
+        action: what the function does, in words ("claim the output folder").
+
+    Returns:
+        The decorator.
+    """
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except OSError as exc:
+                fallback = next((a for a in [*args, *kwargs.values()] if isinstance(a, Path)), None)
+                raise output_os_error(exc, action, fallback) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def input_os_error(exc: OSError, action: str = "read", fallback_path: str | Path | None = None) -> InputError:

@@ -323,10 +323,13 @@ class StreamingShardWriter:
         return self._bytes, self._hash.hexdigest()
 
     def abort(self) -> None:
-        """Close and remove the temporary file (after an error)."""
+        """Close and remove the temporary file (after an error). Closing flushes the buffer,
+        which fails again on a full disk: that must not keep the partial file behind."""
         if not self._fh.closed:
-            self._fh.close()
-        self.tmp_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._fh.close()
+        with contextlib.suppress(OSError):
+            self.tmp_path.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -10,6 +10,7 @@ Layout of a finished merge:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
+from .files import converts_os_errors, input_os_error
+from .lock import LOCK_FILE
 from .safetensors_format import fsync_dir
 
 STATE_DIR = ".star_dist"
@@ -51,16 +54,32 @@ def package_version() -> str:
         return "0+unknown"
 
 
+@converts_os_errors("write")
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` so that it either has its old content or all of the new one."""
+    """Write `path` so that it either has its old content or all of the new one; a failed
+    write (a full disk) leaves no `.tmp` behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    """Copy a file so that `dest` is never a partial copy (tmp + fsync + rename)."""
+    try:
+        data = src.read_bytes()  # config and tokenizer files: megabytes at most
+    except OSError as exc:
+        raise input_os_error(exc, "read", src) from None
+    write_atomic(dest, data)
 
 
 def manifest_path(out_dir: Path, shard_file: str) -> Path:
@@ -81,39 +100,80 @@ def check_output_apart(out_dir: Path, input_folders: list[Path]) -> None:
             )
 
 
-def claim_output_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
+@converts_os_errors("claim the output folder")
+def claim_output_dir(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> bool:
     """Make `out_dir` ours. Returns True when resuming an earlier run of the same plan.
 
     An empty or missing folder is used; a folder holding an unfinished or finished run of
-    the same plan is resumed; anything else is refused unless `overwrite`. Overwriting moves
-    the old contents aside into REPLACED_DIR (renames, no copy) instead of deleting them:
-    they come back if this run fails on bad data (`release_output_dir`) and are deleted only
-    once the new merge is complete (`drop_replaced`). Called only after the plan validated,
-    so bad input never touches the folder.
+    the same plan (same `identity["fingerprint"]`) is resumed; anything else is refused
+    unless `overwrite`, saying what changed when it is an earlier run's folder. Overwriting
+    moves the old contents aside into REPLACED_DIR (renames, no copy) instead of deleting
+    them: they come back if this run fails on bad data (`release_output_dir`) and are
+    deleted only once the new merge is complete (`drop_replaced`). Called only after the plan
+    validated and under the folder's lock, so bad input never touches the folder.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a folder")
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_FILE) if out_dir.exists() else []
     state = out_dir / STATE_DIR / "plan.json"
-    resuming = False
-    if entries:
-        try:
-            resuming = json.loads(state.read_text()).get("fingerprint") == fingerprint
-        except (OSError, ValueError):
-            resuming = False
-        if not resuming and not overwrite:
-            shown = [e for e in entries if e != REPLACED_DIR] or entries
-            raise OutputError(
-                f"{out_dir}: output folder is not empty ({len(entries)} entries, e.g. {shown[0]!r}); "
-                "pass --overwrite to replace its contents, or choose another folder"
-            )
-        if not resuming:
-            _set_aside(out_dir, [name for name in entries if name != REPLACED_DIR])
+    earlier = _read_state(state)
+    resuming = bool(entries) and earlier.get("fingerprint") == identity["fingerprint"]
+    if entries and not resuming and not _only_our_leftovers(out_dir, entries, earlier):
+        if not overwrite:
+            raise OutputError(_not_empty_message(out_dir, entries, earlier, identity))
+        _set_aside(out_dir, [name for name in entries if name != REPLACED_DIR])
     for stale in out_dir.glob("*.tmp") if out_dir.exists() else []:
         stale.unlink()  # a killed run's partial shard: never under a final name
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(state, json.dumps({"fingerprint": fingerprint}).encode())
+    write_atomic(state, json.dumps(identity, sort_keys=True).encode())
     return resuming
+
+
+def _read_state(state: Path) -> dict[str, Any]:
+    try:
+        earlier = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
+def _only_our_leftovers(out_dir: Path, entries: list[str], earlier: dict[str, Any]) -> bool:
+    """A folder holding nothing but a state folder with no plan and no finished shard: what a
+    run that failed while claiming the folder leaves. It counts as empty."""
+    shards = out_dir / STATE_DIR / "shards"
+    return entries == [STATE_DIR] and not earlier and not (shards.is_dir() and any(shards.iterdir()))
+
+
+def _not_empty_message(out_dir: Path, entries: list[str], earlier: dict[str, Any], identity: dict[str, Any]) -> str:
+    fix = "pass --overwrite to replace its contents, or choose another folder"
+    if earlier.get("fingerprint"):
+        changes = identity_changes(earlier, identity)
+        return (
+            f"{out_dir}: holds an earlier star-dist run of a different merge, so it cannot resume "
+            f"({'; '.join(changes) or 'the plan changed'}); {fix}"
+        )
+    shown = [e for e in entries if e != REPLACED_DIR] or entries
+    return f"{out_dir}: output folder is not empty ({len(entries)} entries, e.g. {shown[0]!r}); {fix}"
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> list[str]:
+    """What differs between two plan identities, in words (at most `limit` input files named)."""
+    changes = []
+    if old.get("star_dist") != new.get("star_dist"):
+        changes.append(f"star_dist version {old.get('star_dist')} -> {new.get('star_dist')}")
+    if old.get("format") != new.get("format"):
+        return [*changes, "it was written by another star_dist version"]
+    for key, words in (("config", "the merge config changed"), ("settings", "--threads-per-worker or --device changed"),
+                       ("shards", "the shard layout changed (--max-shard-size or the tensors)"),
+                       ("lora", "a LoRA adapter's scale changed")):
+        if old.get(key) != new.get(key):
+            changes.append(words)
+    old_files, new_files = old.get("files") or {}, new.get("files") or {}
+    moved = [f"input {f} changed since that run (size, mtime or ctime)"
+             for f in sorted(set(old_files) & set(new_files)) if old_files[f] != new_files[f]]
+    moved += [f"input {f} is new" for f in sorted(set(new_files) - set(old_files))]
+    moved += [f"input {f} is no longer used" for f in sorted(set(old_files) - set(new_files))]
+    if len(moved) > limit:
+        moved = [*moved[:limit], f"and {len(moved) - limit} more input changes"]
+    return changes + moved
 
 
 def _set_aside(out_dir: Path, names: list[str]) -> None:
@@ -140,19 +200,22 @@ def _remove(target: Path) -> None:
 
 def release_output_dir(out_dir: Path, remove_folder: bool) -> None:
     """Undo a fresh run's writes: empty the folder this run claimed, put back what an
-    --overwrite set aside, and remove the folder if this run created it."""
+    --overwrite set aside, and remove the folder if this run created it. Best effort: it
+    runs while another error is on its way to the user (which must not be masked), and on a
+    folder that may have just turned read-only or full."""
     if remove_folder:
         shutil.rmtree(out_dir, ignore_errors=True)
         return
-    for target in out_dir.iterdir():
-        if target.name != REPLACED_DIR:
-            _remove(target)
-    aside = out_dir / REPLACED_DIR
-    if aside.is_dir():
-        for entry in aside.iterdir():
-            os.replace(entry, out_dir / entry.name)
-        aside.rmdir()
-        fsync_dir(out_dir)
+    with contextlib.suppress(OSError):
+        for target in out_dir.iterdir():
+            if target.name not in (REPLACED_DIR, LOCK_FILE):
+                _remove(target)
+        aside = out_dir / REPLACED_DIR
+        if aside.is_dir():
+            for entry in aside.iterdir():
+                os.replace(entry, out_dir / entry.name)
+            aside.rmdir()
+            fsync_dir(out_dir)
 
 
 def drop_replaced(out_dir: Path) -> None:
@@ -173,7 +236,7 @@ def copy_base_files(base_folder: Path, out_dir: Path, out_dtype: str | None) -> 
     for pattern in COPIED_PATTERNS:
         for src in sorted(base_folder.glob(pattern)):
             if src.is_file():
-                shutil.copyfile(src, out_dir / src.name)
+                copy_atomic(src, out_dir / src.name)
                 copied.append(src.name)
     config_path = out_dir / "config.json"
     if out_dtype and config_path.exists():

@@ -89,6 +89,7 @@ class MergePlan:
     fingerprint: str
     n_svds: int
     peak_memory_per_worker: int
+    identity: dict[str, Any] = field(default_factory=dict)  # what the fingerprint covers, part by part
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -179,7 +180,8 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         cost, n_svd = _cost(tensors, config.merge_method)
         svd_ops += n_svd
         shards_draft.append((tensors, cost))
-    fingerprint = _fingerprint(config, options, base, inputs, groups)
+    identity = plan_identity(config, options, base, inputs, groups)
+    fingerprint = identity["fingerprint"]
     n = len(groups)
     shards = [
         ShardJob(
@@ -210,6 +212,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         inputs=inputs,
         shards=shards,
         fingerprint=fingerprint,
+        identity=identity,
         n_svds=svd_ops,
         peak_memory_per_worker=_peak_memory(tensor_jobs, method.streaming, len(inputs)),
         warnings=[*base.notes, *(n for inp in inputs if isinstance(inp, FullInput) for n in inp.checkpoint.notes)],
@@ -354,34 +357,37 @@ def _peak_memory(jobs: list[TensorJob], streaming: bool, n_models: int) -> int:
     return 4 * f32 + 12 * f32 // max(n_models, 1)
 
 
-def _fingerprint(
+def plan_identity(
     config: MergeConfig,
     options: RunOptions,
     base: Checkpoint,
     inputs: list[Any],
     groups: list[list[TensorJob]],
-) -> str:
-    """What the output bytes depend on: config, numerics settings, input files, shard layout,
-    and star_dist's version. A file counts as unchanged while its size, mtime and ctime are:
-    hashing terabytes of inputs on every resume would cost more than the merge, and ctime,
-    unlike mtime, cannot be set back by hand after an in-place edit."""
+) -> dict[str, Any]:
+    """What the output bytes depend on, part by part, and its digest (`fingerprint`): config,
+    numerics settings, input files, shard layout, and star_dist's version. Kept part by part
+    so a refused resume can say what changed. A file counts as unchanged while its size,
+    mtime and ctime are: hashing terabytes of inputs on every resume would cost more than
+    the merge, and ctime, unlike mtime, cannot be set back by hand after an in-place edit."""
     files: dict[str, Any] = {}
     for entry in [*base.tensors.values(), *(e for inp in inputs for e in inp.entries())]:
         if entry.file not in files:
             st = Path(entry.file).stat()
             files[entry.file] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-    payload = {
+    parts = {
         "star_dist": package_version(),
-        "config": config.to_dict(),
-        "threads": options.threads_per_worker,
-        "device": options.device,
+        "config": _digest(config.to_dict()),
+        "settings": {"threads": options.threads_per_worker, "device": options.device},
         "files": files,
-        "shards": [[t.name for t in g] for g in groups],
-        "lora": [inp.scales() for inp in inputs if isinstance(inp, LoraAdapter)],
-        "format": 1,
+        "shards": _digest([[t.name for t in g] for g in groups]),
+        "lora": _digest([inp.scales() for inp in inputs if isinstance(inp, LoraAdapter)]),
+        "format": 2,
     }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return {**parts, "fingerprint": _digest(parts)}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def plan_to_json(plan: MergePlan) -> str:

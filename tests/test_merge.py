@@ -192,7 +192,7 @@ def test_same_bytes_whatever_the_shard_order(tiny_fp32: Path, tmp_path: Path) ->
     cfg = star_dist.load_config(_config(tiny_fp32, "star"))
     star_dist.merge(cfg, tmp_path / "a", max_shard_size="60kB", quiet=True)
     plan = build_plan(cfg, tmp_path / "b", RunOptions(max_shard_size=60_000))
-    claim_output_dir(plan.out_dir, plan.fingerprint, overwrite=False)
+    claim_output_dir(plan.out_dir, plan.identity, overwrite=False)
     for job in reversed(plan.shards):
         merge_shard(job)
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")

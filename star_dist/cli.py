@@ -215,6 +215,7 @@ def merge_summary(config: MergeConfig, result: Any) -> dict[str, Any]:
         "tensors": len(result.report["tensors"]),
         "config": config.to_dict(),
         "notes": list(config.notes),
+        "warnings": list(result.warnings),
     }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import RunOptions
 from ..errors import ClusterError, MergeError, StarDistError
+from ..files import shard_os_error
 from ..plan import ShardJob
 from ..progress import Progress
 from ..shard import Manifest
@@ -300,7 +301,7 @@ class ActorPool:
             self._new_actor()  # never reuse a dead actor
             return None
         except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc, f"shard {job.file_name}") from None
+            raise _unwrap(exc, f"shard {job.file_name}", job) from None
 
     def _asks(self) -> str:
         return f"each asks for {self._shape.num_cpus:g} CPU and {self._shape.num_gpus:g} GPU"
@@ -325,10 +326,14 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _unwrap(exc: Exception, where: str) -> StarDistError:
-    """A worker's own StarDistError comes back as itself, with where it happened added."""
+def _unwrap(exc: Exception, where: str, job: ShardJob | None = None) -> StarDistError:
+    """A worker's own StarDistError comes back as itself, with where it happened added; an
+    OSError (a full or read-only disk on the worker's side) as the same one line the local
+    runtime gives."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, StarDistError):
         return type(cause)(f"{where}: {cause}")
+    if isinstance(cause, OSError) and job is not None:
+        return shard_os_error(cause, job.file_name, job.out_dir)
     lines = str(cause or exc).strip().splitlines()
     return MergeError(f"{where}: worker failed: {lines[-1] if lines else type(exc).__name__}")

@@ -316,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"star-dist: error: {message}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a safety net: each writer words its own faults, this catches the rest
+        from .files import os_fault
+
+        message, fix = os_fault(exc, "use this path")
+        print(f"star-dist: error: {message}; {fix}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("star-dist: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -39,9 +39,9 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise OutputError(f"{self.out_dir}: exists and is not a folder; choose another output path")
         try:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise OutputError(f"{self.out_dir}: exists and is not a folder; choose another output path")
             self.created_folder = not self.out_dir.exists()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for _ in range(3):  # a stale lock is removed, then taken: at most a few rounds
@@ -62,7 +62,7 @@ class OutputLock:
         except FileExistsError:
             return False
         self._fd = fd
-        _flock(fd)
+        _flock_own(fd)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.write(fd, (json.dumps(holder) + "\n").encode())
         os.fsync(fd)
@@ -117,6 +117,15 @@ def _flock(fd: int) -> bool | None:
             return None
         raise
     return True
+
+
+def _flock_own(fd: int, wait_s: float = 2.0) -> None:
+    """Flock our new lock file. Another run judging it may hold the flock for a moment (it
+    then refuses, seeing no holder yet); wait that out, or a third run could later take the
+    file's free flock for a dead holder's."""
+    deadline = time.monotonic() + wait_s
+    while _flock(fd) is False and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _read_holder(fd: int) -> dict[str, object]:

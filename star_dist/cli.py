@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -300,10 +302,21 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `ray job stop`, a batch scheduler's time limit), unwound like Ctrl-C:
+    the shard being written is removed and the lock released, so the rerun resumes."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"merge": cmd_merge, "plan": cmd_plan, "make-tiny": cmd_make_tiny}
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return handlers[args.command](args)
     except BrokenPipeError:
@@ -322,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         message, fix = os_fault(exc, "use this path")
         print(f"star-dist: error: {message}; {fix}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("star-dist: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":  # pragma: no cover

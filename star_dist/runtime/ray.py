@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import time
@@ -56,6 +57,20 @@ def actor_device(requested: str, gpu_ids: list[str], cuda_available: bool) -> st
     return "cpu"
 
 
+log = logging.getLogger("star_dist.worker")
+
+
+def _log_to_stderr() -> None:
+    """In a worker process, star_dist's INFO lines go to stderr, which Ray forwards to the
+    driver unless --quiet (log_to_driver); the root logger stays as Ray set it."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 class ShardWorker:
     """A Ray actor: plain Python around `merge_shard`, tagging its log lines with its id."""
 
@@ -66,6 +81,7 @@ class ShardWorker:
         self.requested_device = device
         self.crash = crash
         torch.set_num_threads(threads)
+        _log_to_stderr()
 
     def info(self) -> dict[str, Any]:
         """Who this worker is and where it computes; raises if that place does not exist."""
@@ -81,10 +97,10 @@ class ShardWorker:
 
         start = time.perf_counter()
         info = self.info()
-        print(f"[worker {self.worker_id}] {job.file_name}: {len(job.tensors)} tensors on {info['device']}", flush=True)
+        log.info("[worker %d] %s: %d tensors on %s", self.worker_id, job.file_name, len(job.tensors), info["device"])
         self._maybe_crash(job)
         manifest = merge_shard(dataclasses.replace(job, device=info["device"]), worker=info)
-        print(f"[worker {self.worker_id}] {job.file_name}: done in {time.perf_counter() - start:.1f}s", flush=True)
+        log.info("[worker %d] %s: done in %.1fs", self.worker_id, job.file_name, time.perf_counter() - start)
         return manifest
 
     def _maybe_crash(self, job: ShardJob) -> None:

@@ -7,6 +7,7 @@ that lets each model's whole task vector set its own statistics (trim threshold)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,7 +169,9 @@ class TensorMerger:
             rows = base.shape[0]
             step = max(1, (JOINT_BLOCK_COPIES * rows) // max(len(job.models), 1))
             blocks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
-        row_numel = base[0].numel() if base.dim() > 0 else 1
+        # Entries per row from the shape, not base[0]: a tensor with no rows ((0, n), (0,)) has
+        # no blocks to merge and must not be indexed; a zero-width one ((m, 0)) has empty rows.
+        row_numel = math.prod(base.shape[1:])
         for block in blocks:  # pass 2: the same rows of every model
             base_block = base if block is None else base[block[0] : block[1]]
             taus = [self._task_vector_block(src, base_block, job.name, block) for src in job.models]

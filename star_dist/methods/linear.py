@@ -6,6 +6,8 @@ weight is 1, as mergekit's `task_arithmetic`); average normalizes them to sum to
 (equal weights give the plain mean of the fine-tuned models). Both take mergekit's
 `normalize` flag: task arithmetic divides by Σ w_i when it is true (default false; a sum
 below 1e-8 in magnitude divides by 1, as mergekit), average sums without dividing when false.
+A sum that is ~0 next to the weights' size (|Σw| ≤ 1e-6·Σ|w|, e.g. 0.1 + 0.2 − 0.3) and
+would be divided by is refused at plan time: mergekit divides by it and scales the merge by ~1e16.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from star_dist.errors import ConfigError
 from star_dist.methods.base import StreamingMethod, TaskVector
-from star_dist.methods.params import as_flag
+from star_dist.methods.params import as_flag, sums_to_zero, zero_sum_error
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,20 @@ class TaskArithmetic(_Identity):
     )
 
     def resolve_weights(self, given: list[float | None]) -> list[float]:
-        """The weights as given (a missing one is 1); with normalize, over their sum."""
+        """The weights as given (a missing one is 1); with normalize, over their sum.
+
+        |Σw| < 1e-8 divides by 1, as mergekit (its normalize then does nothing); a larger sum
+        that is still ~0 next to the weights is refused, where mergekit would blow up.
+        """
         raw = super().resolve_weights(given)
         if not self.params.normalize:
             return raw
         total = sum(raw)
-        return [w / (total if abs(total) >= 1e-8 else 1.0) for w in raw]
+        if abs(total) < 1e-8:
+            return raw
+        if sums_to_zero(raw):
+            raise zero_sum_error(self.name, raw, "give weights whose sum is not ~0, or normalize: false")
+        return [w / total for w in raw]
 
 
 class Average(_Identity):
@@ -84,14 +93,17 @@ class Average(_Identity):
     )
 
     def resolve_weights(self, given: list[float | None]) -> list[float]:
-        """w_i / Σ w_j with a missing weight = 1; ConfigError if the weights sum to 0."""
+        """w_i / Σ w_j with a missing weight = 1; ConfigError if the weights sum to ~0.
+
+        ~0 is relative (`sums_to_zero`): 0.1, 0.2, −0.3 sum to 5.6e-17, not 0, and would
+        scale the mean by ~1e16. Raised while planning, before anything is written.
+        """
         raw = super().resolve_weights(given)
         if not self.params.normalize:
             return raw
-        total = sum(raw)
-        if total == 0.0:
-            raise ConfigError(
-                f"average: the model weights sum to 0 ({raw}), so they cannot be normalized; "
-                "give weights with a non-zero sum"
+        if sums_to_zero(raw):
+            raise zero_sum_error(
+                self.name, raw, "give weights with a non-zero sum, or normalize: false with a base_model"
             )
+        total = sum(raw)
         return [w / total for w in raw]

@@ -74,6 +74,8 @@ class Star(StreamingMethod):
             return self._transform_lowrank(tau)
         if tau.dim() != 2:
             return tau, {}
+        if tau.numel() == 0:  # (0, n) or (m, 0): no spectrum; skip LAPACK/cuSOLVER on an empty matrix
+            return _zero(tau.shape, tau.device, tau.dtype), _stats(0, 0.0, 0.0)
         if not bool(torch.isfinite(tau).all()):
             raise DataError("STAR: the task vector holds NaN or Inf; check the input weights")
         s = singular_values(tau)  # (min(m, n),) float32, every σ
@@ -89,6 +91,8 @@ class Star(StreamingMethod):
 
     def _transform_lowrank(self, tau: LowRank) -> tuple[TaskVector, dict[str, Any]]:
         """The same STAR for left @ right from its exact thin SVD, never forming the m×n matrix."""
+        if 0 in (*tau.shape, tau.rank):  # an empty matrix or a rank-0 adapter: nothing to keep
+            return _zero(tau.shape, tau.left.device, tau.left.dtype), _stats(0, 0.0, 0.0)
         if not (bool(torch.isfinite(tau.left).all()) and bool(torch.isfinite(tau.right).all())):
             raise DataError("STAR: the LoRA factors hold NaN or Inf; check the adapter weights")
         u, s, vh = lowrank_svd(tau.left, tau.right)  # (m, k), (k,), (k, n) float64

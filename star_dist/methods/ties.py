@@ -7,7 +7,8 @@ can be checked against it:
   (density ≥ 1 keeps everything); `density` may differ per model, as in mergekit;
 * elect: the sign of Σ_i w_i·trim(τ_i) at each position, + where that sum is ≥ 0;
 * disjoint merge: Σ_i w_i·trim(τ_i) over the models whose w_i·trim(τ_i) has the elected
-  sign (a zero never does), divided by the sum of those models' w_i (a zero divisor is 1);
+  sign (a zero never does), divided by the sum of those models' w_i (a zero divisor is 1,
+  and so is one that is 0 up to rounding with mixed-sign weights, see `merge_block`);
   with `normalize: false` the sum is not divided, as in mergekit.
 
 Trimming must run on row blocks, so it is a rule that a block can apply alone: `prepare`
@@ -29,7 +30,7 @@ import torch
 
 from star_dist.errors import ConfigError
 from star_dist.methods.base import JointMethod
-from star_dist.methods.params import as_flag, as_number
+from star_dist.methods.params import ZERO_SUM_RTOL, as_flag, as_number
 
 # Elements counted at a time while locating the last tied entry to keep (bounded memory).
 _TIE_SCAN_CHUNK = 1 << 22
@@ -163,12 +164,27 @@ class Ties(JointMethod):
 
         merged = torch.zeros_like(elected)  # (rows, ...) Σ over agreeing models
         divisor = torch.zeros_like(elected)  # (rows, ...) Σ of their weights
+        # Only mixed-sign weights can sum to ~0 over the agreeing models without being 0 (see below).
+        mixed = self.params.normalize and min(weights) < 0 < max(weights)
+        size = torch.zeros_like(elected) if mixed else None  # (rows, ...) Σ of their |weights|
         for i in range(len(taus)):
             delta = weighted_trim(i)
             agrees = torch.sign(delta) == elected  # (rows, ...) bool; a zero never agrees
             merged += torch.where(agrees, delta, torch.zeros_like(delta))
             divisor += agrees.to(dtype) * weights[i]
+            if size is not None:
+                size += agrees.to(dtype) * abs(weights[i])
         if not self.params.normalize:
             return merged
-        divisor[divisor == 0] = 1.0
+        if size is None:
+            divisor[divisor == 0] = 1.0
+            return merged / divisor
+        # The paper's disjoint mean divides by the count of agreeing models, never ~0; mergekit
+        # divides by the sum of their weights and makes an exactly-zero one 1 (the entry keeps
+        # the plain sum). With mixed signs that sum can be 0 up to rounding only (0.3 + 0.6 − 0.9
+        # is 6e-8 in float32 and would scale the entry by ~1e7): it is the zero it is, made 1,
+        # relative to the agreeing weights' size and this dtype's rounding. A small real
+        # divisor (1 − 0.9) is divided by, as mergekit does.
+        rtol = max(ZERO_SUM_RTOL, 4 * len(weights) * torch.finfo(dtype).eps)
+        divisor[divisor.abs() <= size.mul_(rtol)] = 1.0  # also where no model agrees (0 ≤ 0)
         return merged / divisor

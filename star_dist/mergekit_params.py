@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from .errors import ConfigError
+
 # Layer tensors in the architectures star_dist merges: llama/mistral/qwen `model.layers.i.`,
 # gpt2 `h.i.`, bert `encoder.layer.i.`, and `blocks.i.` / `block.i.`.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
@@ -143,5 +145,8 @@ def resolve_tensor_params(config: Any, method_name: str, tensor_name: str, n_lay
         weights=(),
         lambda_=lambda_,
     )
-    resolved = tuple(method_for(method_name, params).resolve_weights(weights))
+    try:
+        resolved = tuple(method_for(method_name, params).resolve_weights(weights))
+    except ConfigError as exc:  # a gradient's weights for this tensor only: say which
+        raise ConfigError(f"tensor {tensor_name!r}: {exc}") from None
     return TensorParams(params.method_params, params.model_params, resolved, lambda_)

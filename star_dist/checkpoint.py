@@ -84,7 +84,7 @@ def _index_sharded(index_path: Path) -> dict[str, TensorEntry]:
         by_file.setdefault(_shard_file(index_path, name, file), []).append(name)
     for file, names in sorted(by_file.items()):
         path = index_path.parent / file
-        if not path.exists():
+        if not os.path.exists(path):  # False for a name too long, where Path.exists raises
             raise InputError(f"{path}: missing, but {index_path.name} maps tensor {names[0]!r} to it")
         entries, _ = read_header(path)
         for name in names:
@@ -121,6 +121,8 @@ def _read_weight_map(index_path: Path) -> dict[str, object]:
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise InputError(f"{index_path}: corrupt index (not JSON: {first_line[:200]})") from None
+    except RecursionError:
+        raise InputError(f"{index_path}: corrupt index (not JSON: nested too deeply)") from None
     if not isinstance(index, dict) or "weight_map" not in index:
         raise InputError(f'{index_path}: corrupt index (not a JSON object with a "weight_map" key)')
     weight_map = index["weight_map"]
@@ -138,7 +140,8 @@ def _shard_file(index_path: Path, name: str, file: object) -> str:
     """A weight_map value, checked: a file name inside the model folder (as transformers
     reads it). Checked on the text, not the resolved path, so a hub cache's symlinks to
     its blobs folder stay valid."""
-    if not isinstance(file, str) or not file or "\0" in file:
+    # A NUL or a line break is in no shard's name (and would break the one-line message).
+    if not isinstance(file, str) or not file or "\0" in file or "".join(file.splitlines()) != file:
         raise InputError(
             f"{index_path}: corrupt index (tensor {name!r} maps to {json.dumps(file)[:80]}, not a shard file name)"
         )

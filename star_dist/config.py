@@ -25,6 +25,7 @@ so they live in `RunOptions`, filled from CLI flags or keyword arguments.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ UNSUPPORTED_MERGEKIT_METHODS = (
     "arcee_fusion", "model_breadcrumbs", "model_breadcrumbs_ties",
 )
 METHOD_ALIASES = {"linear": "average"}
+# A merge config holds dozens of values. Past these bounds it is junk or a YAML alias bomb (an
+# anchor used 10 times in each of 9 levels is 10**9 values), refused before anything walks it.
+MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ class MergeConfig:
         problems: list[str] = []
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        shape_problem = _structure_problem(data)
+        if shape_problem:
+            raise ConfigError(f"{source}: {shape_problem}")
         known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format",
                  "tokenizer_source", "slices"}
         layer_range = None
@@ -293,12 +301,14 @@ class MergeConfig:
         from .methods import get_method  # the registry knows each method's params
 
         problems: list[str] = []
+        seen: set[str] = set()
         for path, glob, own in self._leaf_variants():
             try:
                 get_method(self.merge_method, glob, own)
             except ConfigError as exc:
                 problem = f"{path}: {exc}" if path else str(exc)
-                if problem not in problems:
+                if problem not in seen:
+                    seen.add(problem)
                     problems.append(problem)
         for key in ENGINE_PARAMS:
             for leaf in leaves(self.parameters.get(key)) if key in self.parameters else []:
@@ -329,14 +339,7 @@ class MergeConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        data = _load_yaml(path)
         config = cls.from_dict(data or {}, source=str(path))
         return config.resolve_paths(path.parent)
 
@@ -344,12 +347,7 @@ class MergeConfig:
     def read_yaml(path: str | Path) -> dict[str, Any]:
         """The file's raw mapping, unvalidated: the CLI applies its flags before validating."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        data = _load_yaml(path)
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return dict(data or {})
@@ -359,7 +357,8 @@ class MergeConfig:
 
         def fix(p: str) -> str:
             candidate = relative_to / p
-            return str(candidate) if not Path(p).is_absolute() and candidate.exists() else p
+            # os.path.exists: False for a name too long or holding a NUL, where Path.exists raises
+            return str(candidate) if not Path(p).is_absolute() and os.path.exists(candidate) else p
 
         return MergeConfig(
             merge_method=self.merge_method,
@@ -372,6 +371,54 @@ class MergeConfig:
             notes=self.notes,
             layer_range=self.layer_range,
         )
+
+
+def _load_yaml(path: Path) -> Any:
+    """The YAML file's data; ConfigError, on one line, when it cannot be read or parsed."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not {exc.encoding}: {exc.reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a tagged value PyYAML fails to build (!!int x)
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
+
+
+def _structure_problem(data: Any) -> str | None:
+    """Why `data` cannot be a merge config's plain data (None if it can): a key that is not a
+    one-line string, an integer too large for a float, too deep, or too many values. Walked
+    without recursion and within MAX_CONFIG_VALUES steps, whatever the input (shared lists,
+    as YAML aliases make, count once per use)."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    visited = 0
+    while stack:
+        node, depth, where = stack.pop()
+        visited += 1
+        if visited > MAX_CONFIG_VALUES:
+            return (f"more than {MAX_CONFIG_VALUES} values (a merge config holds dozens; "
+                    "each use of a YAML alias counts)")
+        if depth > MAX_CONFIG_DEPTH:
+            return f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep"
+        if isinstance(node, int) and not isinstance(node, bool):
+            try:
+                float(node)
+            except OverflowError:
+                return f"{where or 'the config'}: an integer of {node.bit_length()} bits is too large to be a number"
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    return f"{where + ': ' if where else ''}key of type {type(key).__name__}: keys must be names"
+                if "".join(key.splitlines()) != key:
+                    return f"{where + ': ' if where else ''}key {key!r} has a line break"
+                stack.append((value, depth + 1, f"{where}.{key}" if where else key))
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(node))
+    return None
 
 
 def _from_slices(data: Mapping[str, Any], problems: list[str]) -> tuple[dict[str, Any], tuple[int, int] | None]:
@@ -392,8 +439,12 @@ def _from_slices(data: Mapping[str, Any], problems: list[str]) -> tuple[dict[str
             isinstance(s, Mapping) and "model" in s and "layer_range" in s for s in sources):
         problems.append("slices[0].sources: expected a list of {model: ..., layer_range: [start, end]}")
         return out, None
-    ranges = {tuple(s["layer_range"]) if isinstance(s["layer_range"], list) else s["layer_range"] for s in sources}
-    first = next(iter(ranges))
+    ranges: list[Any] = []  # distinct by ==: a junk layer_range need not be hashable
+    for s in sources:
+        r = tuple(s["layer_range"]) if isinstance(s["layer_range"], list) else s["layer_range"]
+        if r not in ranges:
+            ranges.append(r)
+    first = ranges[0]
     if len(ranges) != 1 or not (isinstance(first, tuple) and len(first) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) for v in first)):
         problems.append(f"slices[0].sources: every source must use the same layer_range [start, end] (got "
@@ -402,8 +453,9 @@ def _from_slices(data: Mapping[str, Any], problems: list[str]) -> tuple[dict[str
     unknown = sorted(set(slices[0]) - {"sources", "parameters", "base_model"})
     problems.extend(f"slices[0].{key}: not supported" for key in unknown)
     out["models"] = [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sources]
-    if isinstance(slices[0].get("parameters"), Mapping):
-        out["parameters"] = {**(data.get("parameters") or {}), **slices[0]["parameters"]}
+    top = data.get("parameters") or {}
+    if isinstance(slices[0].get("parameters"), Mapping) and isinstance(top, Mapping):  # else refused later
+        out["parameters"] = {**top, **slices[0]["parameters"]}
     if slices[0].get("base_model"):
         out["base_model"] = slices[0]["base_model"]
     return out, (int(first[0]), int(first[1]))
@@ -437,6 +489,8 @@ def number_problem(value: Any) -> str | None:
         number = float(value)
     except (TypeError, ValueError):
         return "is not a number"
+    except OverflowError:
+        return "is not a finite number"
     return None if math.isfinite(number) else "is not a finite number"
 
 

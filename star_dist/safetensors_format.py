@@ -94,8 +94,10 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw, object_pairs_hook=_strict_object, parse_constant=_no_constant)
+    except _StrictJSONError as exc:
+        raise InputError(f"{path}: corrupt safetensors header ({exc}); re-download or re-save it") from None
+    except (ValueError, RecursionError):  # not JSON or not UTF-8, an integer past 4300 digits, too deep
         raise InputError(f"{path}: corrupt safetensors header (not JSON); re-download or re-save it") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -108,6 +110,29 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     return entries, metadata
 
 
+class _StrictJSONError(ValueError):
+    """JSON that Python's parser reads but the safetensors library (serde_json) refuses."""
+
+
+def _strict_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object as safetensors reads one: no key twice, no string with a lone surrogate."""
+    obj: dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _StrictJSONError(f"key {_json(key)} appears twice")
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _StrictJSONError(f"string {_json(text)} is not valid Unicode") from None
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> object:
+    raise _StrictJSONError(f"{name} is not a JSON value")
+
+
 def _json(value: object, limit: int = 80) -> str:
     """A header value as it reads in the file, on one line and cut short."""
     text = json.dumps(value, ensure_ascii=True)
@@ -115,8 +140,8 @@ def _json(value: object, limit: int = 80) -> str:
 
 
 def _is_count(value: object) -> bool:
-    """A non-negative JSON integer (the spec's usize; true/false and 4.0 are not)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative JSON integer below 2**64 (the spec's usize; true/false and 4.0 are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def _parse_metadata(path: Path, metadata: object) -> dict[str, str]:
@@ -163,10 +188,12 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int
     if begin > end:
         raise InputError(f"{where}: data_offsets {_json(offsets)} begins after it ends")
     entry = TensorEntry(str(path), dtype, tuple(shape), data_start + begin, end - begin)
-    if entry.numel * DTYPES[dtype][1] != end - begin:
+    expected = _shape_bytes(shape, DTYPES[dtype][1], end - begin)
+    if expected != end - begin:
+        size_text = f"{expected} bytes" if expected is not None else f"more than {end - begin} bytes"
         raise InputError(
-            f"{path}: tensor {name!r}: header says shape {shape} {dtype} "
-            f"({entry.numel * DTYPES[dtype][1]} bytes) but gives {end - begin} bytes"
+            f"{path}: tensor {name!r}: header says shape {_json(shape)} {dtype} "
+            f"({size_text}) but gives {end - begin} bytes"
         )
     if data_start + end > size:
         raise InputError(
@@ -174,6 +201,21 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, size: int
             "the file is truncated; re-download or re-save it"
         )
     return entry
+
+
+def _shape_bytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """The bytes a shape takes, or None when far past `limit` (above 2**64 and `limit`): never
+    the product of a long list of huge dimensions, which a corrupt header can ask for (slow,
+    and too long to print); a plain mismatch keeps its exact byte count for the message."""
+    if 0 in shape:
+        return 0
+    cap = max(limit, 2**64)
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= d
+        if nbytes > cap:
+            return None
+    return nbytes
 
 
 def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, size: int) -> None:

@@ -48,6 +48,17 @@ def tiny_copy(tiny_fp32: Path, tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def medium_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Big enough that one worker takes several seconds over many shards (for kills and signals)."""
+    from star_dist.tiny_models import TinyShape
+
+    folder = tmp_path_factory.mktemp("medium")
+    shape = TinyShape(hidden=384, intermediate=1024, layers=4, heads=6, kv_heads=2, vocab=1024)
+    make_tiny_merge(folder, n_models=3, dtype="float32", shape=shape, shards=2)
+    return folder
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The real `star-dist` command in a subprocess."""
     full_env = {**os.environ, **(env or {})}

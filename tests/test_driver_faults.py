@@ -18,20 +18,10 @@ from safetensors import safe_open
 
 import star_dist
 from star_dist.safetensors_format import sha256_file
-from star_dist.tiny_models import TinyShape, make_tiny_merge
 
 from .conftest import BIN, folder_bytes, run_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def medium_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Big enough that one worker takes several seconds over many shards."""
-    folder = tmp_path_factory.mktemp("medium")
-    shape = TinyShape(hidden=384, intermediate=1024, layers=4, heads=6, kv_heads=2, vocab=1024)
-    make_tiny_merge(folder, n_models=3, dtype="float32", shape=shape, shards=2)
-    return folder
 
 
 def test_killed_driver_leaves_no_partial_file_and_rerun_resumes(medium_models: Path, tmp_path: Path) -> None:

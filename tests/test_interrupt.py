@@ -14,25 +14,16 @@ import pytest
 
 import star_dist
 from star_dist.lock import LOCK_FILE
-from star_dist.tiny_models import TinyShape, make_tiny_merge
 
 from .conftest import BIN, folder_bytes
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("interrupt")
-    shape = TinyShape(hidden=384, intermediate=1024, layers=4, heads=6, kv_heads=2, vocab=1024)
-    make_tiny_merge(folder, n_models=3, dtype="float32", shape=shape, shards=2)
-    return folder
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_mid_merge_then_the_same_command_resumes(models: Path, tmp_path: Path, signum: int) -> None:
+def test_a_signal_mid_merge_then_the_same_command_resumes(medium_models: Path, tmp_path: Path, signum: int) -> None:
     out = tmp_path / "out"
-    args = [str(BIN / "star-dist"), "merge", str(models / "merge.yaml"), str(out), "--runtime", "local",
+    args = [str(BIN / "star-dist"), "merge", str(medium_models / "merge.yaml"), str(out), "--runtime", "local",
             "--max-shard-size", "1MB", "-q"]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
@@ -51,5 +42,5 @@ def test_a_signal_mid_merge_then_the_same_command_resumes(models: Path, tmp_path
 
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    star_dist.merge(models / "merge.yaml", tmp_path / "alone", runtime="local", quiet=True, max_shard_size="1MB")
+    star_dist.merge(medium_models / "merge.yaml", tmp_path / "alone", runtime="local", quiet=True, max_shard_size="1MB")
     assert folder_bytes(out) == folder_bytes(tmp_path / "alone")

@@ -395,11 +395,12 @@ def _structure_problem(data: Any) -> str | None:
     without recursion and within MAX_CONFIG_VALUES steps, whatever the input (shared lists,
     as YAML aliases make, count once per use)."""
     stack: list[tuple[Any, int, str]] = [(data, 0, "")]
-    visited = 0
+    counted = 1  # values pushed so far: the stack itself stays within the bound
     while stack:
         node, depth, where = stack.pop()
-        visited += 1
-        if visited > MAX_CONFIG_VALUES:
+        children = len(node) if isinstance(node, (Mapping, list, tuple, set, frozenset)) else 0
+        counted += children
+        if counted > MAX_CONFIG_VALUES:
             return (f"more than {MAX_CONFIG_VALUES} values (a merge config holds dozens; "
                     "each use of a YAML alias counts)")
         if depth > MAX_CONFIG_DEPTH:

@@ -93,9 +93,11 @@ def setting_problems(setting: Any, path: str) -> list[str]:
         extra = sorted(set(cond) - {"filter", "value"})
         if extra:
             problems.append(f"{path}[{j}]: unknown key(s) {', '.join(map(repr, extra))} (use filter and value)")
-        if isinstance(cond["value"], (Mapping,)) or (
-                isinstance(cond["value"], list) and not all(_is_number(v) for v in cond["value"])):
+        value = cond["value"]
+        if isinstance(value, Mapping) or (isinstance(value, list) and not all(_is_number(v) for v in value)):
             problems.append(f"{path}[{j}].value: a number or a list of numbers")
+        elif value == []:
+            problems.append(f"{path}[{j}].value: an empty list gives no value")
     return problems
 
 

@@ -192,13 +192,16 @@ VALID_CONFIGS: list[dict[str, Any]] = [
 ]
 
 
-def _containers(node: Any) -> list[Any]:
-    """Every dict and list in a config, the root first."""
+def _containers(node: Any, seen: set[int] | None = None) -> list[Any]:
+    """Every dict and list in a config, the root first, each once (a "huge" edit shares one
+    object thousands of times: walking each use would make the next edit slow)."""
+    seen = set() if seen is None else seen
+    seen.add(id(node))
     found = [node]
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
     for child in children:
-        if isinstance(child, (dict, list)):
-            found += _containers(child)
+        if isinstance(child, (dict, list)) and id(child) not in seen:
+            found += _containers(child, seen)
     return found
 
 
@@ -606,6 +609,17 @@ def test_index(workdir: Path, index: bytes, shards: bool) -> None:
             assert all(os.path.realpath(e.file).startswith(inside) for e in tensors.values()), tensors
     finally:
         shutil.rmtree(folder.parent)
+
+
+@pytest.mark.parametrize("where", ["model", "top"])
+def test_empty_conditional_value(where: str) -> None:
+    """A conditional whose value is an empty gradient is refused by key path (the fuzzer found
+    it reaching evaluate() and an IndexError)."""
+    setting = [{"filter": "mlp", "value": 0.5}, {"value": []}]
+    config = ({"base_model": "b", "models": [{"model": "a", "parameters": {"weight": setting}}]} if where == "model"
+              else {"base_model": "b", "models": ["a"], "parameters": {"eta": setting}})
+    with pytest.raises(StarDistError, match=r"\[1\]\.value: an empty list gives no value"):
+        star_dist.load_config(config)
 
 
 def test_date_and_bytes_values_are_config_errors() -> None:

@@ -183,3 +183,55 @@ def save_adapter(folder: Path, base: dict[str, torch.Tensor], dtype: str, seed: 
               "base_model_name_or_path": "../base", "bias": "none", "fan_in_fan_out": False,
               "task_type": "CAUSAL_LM"}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+LLAMA_70B = TinyShape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256)
+
+
+def save_sparse_model(folder: Path, shape: TinyShape, dtype: str = "bfloat16", shards: int = 30) -> int:
+    """A checkpoint of any size with real safetensors headers and holes for the data.
+
+    For planning at scale without the disk: every header, offset and index entry is what a
+    real checkpoint holds, but the tensor bytes are a sparse hole (zeros, no blocks used), so
+    a 70B model costs kilobytes. Returns the apparent size in bytes.
+
+    Args:
+        folder: where config.json, the shards and the index go (created).
+        shape: the llama shape, e.g. `LLAMA_70B`.
+        dtype: "bfloat16", "float16" or "float32".
+        shards: how many files the tensors are spread over, in name order.
+    Returns:
+        The total apparent size of the shard files.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(llama_config(shape, dtype), indent=2))
+    itemsize = DTYPES[dtype].itemsize
+    code = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
+    names = sorted(llama_shapes(shape))
+    weight_map: dict[str, str] = {}
+    total = 0
+    per_file = -(-len(names) // shards)
+    for s in range(shards):
+        part = names[s * per_file:(s + 1) * per_file]
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        total += _write_sparse_shard(folder / file, {n: llama_shapes(shape)[n] for n in part}, code, itemsize)
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def _write_sparse_shard(path: Path, shapes: dict[str, tuple[int, ...]], code: str, itemsize: int) -> int:
+    """One safetensors file: its header, then a hole as long as the tensors' bytes."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims in shapes.items():
+        size = itemsize * int(torch.Size(dims).numel())
+        header[name] = {"dtype": code, "shape": list(dims), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return offset

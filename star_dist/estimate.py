@@ -1,0 +1,292 @@
+"""What a merge will cost before it runs, from tensor headers alone: memory per worker on the
+compute device and in host RAM, SVD FLOPs, bytes read and written, and time.
+
+Planning a 70B × 12 merge must not read 1.7 TB, so everything here is a model of the engine
+over shapes: the working set of one tensor (the engine merges one tensor at a time, so a
+worker's peak is its largest tensor's), the FLOPs of the spectral kernels, and a time at
+stated rates: the CPU's measured here with a short probe, a GPU's assumed and labelled so.
+A tensor whose working set exceeds the memory budget of its device is routed to the CPU
+when that fits (with a note), else the plan fails naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+SPECTRAL_METHODS = frozenset({"star", "tsv", "iso_c", "iso_cts"})
+
+# Working copies of a tensor in float32 at the peak of its merge, by kind of method, as
+# measured by scripts/bench/memory.py (STAR 5.7-7, task arithmetic 4.75, TIES 4 + 12/N).
+SPECTRAL_COPIES = 7.0
+STREAMING_COPIES = 5.0
+JOINT_BASE_COPIES, JOINT_PER_MODEL_COPIES = 4.0, 12.0
+# On a GPU the host keeps a pinned double buffer of one tensor's input (base + one model).
+PINNED_BUFFERS = 2
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The rates a time estimate assumes; shown beside every estimate made with them."""
+
+    label: str
+    gemm_flops: float  # float64 matrix products (the Gram matrix, projections), FLOP/s
+    eig_flops: float  # symmetric eigenvalues / SVD values, FLOP/s
+    read_bps: float  # input bytes per second, per worker
+    write_bps: float  # output bytes per second, per worker
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "gemm_flops": self.gemm_flops, "eig_flops": self.eig_flops,
+                "read_bytes_per_s": self.read_bps, "write_bytes_per_s": self.write_bps}
+
+
+# Assumed, not measured here (no GPU on the machine this was written on): an H100/H200-class
+# GPU runs float64 GEMMs near 50 TFLOP/s, but a dense eigensolver far below that.
+GPU_RATES = Rates("one H100-class GPU (assumed: 50 TFLOP/s float64 GEMM, 1 TFLOP/s eigensolver, "
+                  "2 GB/s read, 1 GB/s write per worker)", 50e12, 1e12, 2e9, 1e9)
+
+
+@dataclass(frozen=True)
+class TensorWork:
+    """One output tensor as the estimate sees it (built by the planner from its job)."""
+
+    name: str
+    shape: tuple[int, ...]
+    merge: bool  # False: copied from the base
+    ranks: tuple[int | None, ...]  # per model: the LoRA rank, None for a dense task vector
+    bytes_read: int
+    bytes_out: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class DeviceEstimate:
+    """The cost of the merge on one kind of device, per worker."""
+
+    device: str  # "cpu" | "cuda"
+    peak_device_bytes: int  # the largest working set on the compute device
+    peak_host_bytes: int  # host RAM besides the mapped inputs (equal to the above on the CPU)
+    seconds: float  # for the whole merge on `workers` workers
+    rates: Rates
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "peak_device_bytes": self.peak_device_bytes,
+                "peak_host_bytes": self.peak_host_bytes, "seconds": self.seconds, "rates": self.rates.to_dict()}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What `star-dist plan` states: per worker, for the CPU and a GPU, and the budget check."""
+
+    workers: int
+    svd_flops: float
+    bytes_read: int
+    bytes_written: int
+    cpu: DeviceEstimate
+    gpu: DeviceEstimate
+    budget_bytes: int | None
+    budget_source: str
+    routed_to_cpu: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workers": self.workers, "svd_flops": self.svd_flops, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written, "cpu": self.cpu.to_dict(), "gpu": self.gpu.to_dict(),
+                "budget_bytes": self.budget_bytes, "budget_source": self.budget_source,
+                "routed_to_cpu": list(self.routed_to_cpu)}
+
+
+def working_set(work: TensorWork, method: str, streaming: bool, n_models: int) -> int:
+    """Peak bytes on the compute device while merging one tensor.
+
+    Args:
+        work: the tensor.
+        method: the merge method's name (spectral ones add the float64 Gram matrix).
+        streaming: whether the method sees one task vector at a time.
+        n_models: how many fine-tunes are merged.
+    Returns:
+        Bytes, from the copies scripts/bench/memory.py measured.
+    """
+    f32 = 4 * work.numel
+    if not work.merge:
+        return work.bytes_out
+    if method in SPECTRAL_METHODS and len(work.shape) == 2:
+        if all(r is not None for r in work.ranks):  # factor-wise: only the dense output is m×n
+            m, n = work.shape
+            return int(3 * f32 + 32 * (m + n) * sum(r or 0 for r in work.ranks))
+        return int(SPECTRAL_COPIES * f32 + 8 * min(work.shape) ** 2)
+    if streaming:
+        return int(STREAMING_COPIES * f32)
+    return int(JOINT_BASE_COPIES * f32 + JOINT_PER_MODEL_COPIES * f32 / max(n_models, 1))
+
+
+def spectral_flops(work: TensorWork) -> tuple[float, float]:
+    """(GEMM FLOPs, eigensolver FLOPs) of the spectral kernels on one tensor, all models.
+
+    A dense m×n task vector (k = min, M = max): the float64 Gram matrix of the small side,
+    2·M·k², and its eigenvalues, 4/3·k³; keeping the top-r subspace adds 4·M·k·r once r is
+    known, which a plan cannot know (so this is a floor). A LoRA one: two QRs and an R×R SVD.
+    """
+    if not work.merge or len(work.shape) != 2:
+        return 0.0, 0.0
+    m, n = work.shape
+    k, big = min(m, n), max(m, n)
+    gemm = eig = 0.0
+    for rank in work.ranks:
+        if rank is None:
+            gemm += 2.0 * big * k * k
+            eig += 4.0 / 3.0 * k**3
+        else:
+            gemm += 4.0 * (m + n) * rank**2
+            eig += 4.0 * rank**3
+    return gemm, eig
+
+
+def measured_cpu_rates(size: int = 384) -> Rates:
+    """This machine's CPU rates for one worker, from a probe of ~0.1 s (float64 GEMM and
+    eigvalsh at `size`, with torch's current threads); disk rates are assumed, not probed."""
+    import torch
+
+    a = torch.randn(size, size, dtype=torch.float64)
+    sym = a @ a.T
+    gemm_s = _best_of(lambda: a @ a, 3)
+    eig_s = _best_of(lambda: torch.linalg.eigvalsh(sym), 2)
+    threads = torch.get_num_threads()
+    return Rates(f"this machine's CPU ({threads} thread(s), measured: GEMM, eigvalsh; disk assumed 1 GB/s read, "
+                 "0.5 GB/s write)", 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, 1e9, 0.5e9)
+
+
+def _best_of(call: Any, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def default_budget(device: str) -> tuple[int | None, str]:
+    """The memory one worker may use on `device` when the user states none: the device's
+    memory as `accelerate.utils.get_max_memory` reports it on this machine (GPU 0 for cuda,
+    available RAM for cpu); None for cuda on a machine without a GPU (the workers' GPUs are
+    elsewhere: state --max-memory-per-worker to have them checked)."""
+    memory = _max_memory()
+    if device == "cpu":
+        return memory.get("cpu"), "this machine's available RAM"
+    gpu = next((v for k, v in memory.items() if k != "cpu"), None)
+    if gpu is None:
+        return None, "unknown: no GPU on this machine (set --max-memory-per-worker)"
+    return gpu, "GPU 0 of this machine"
+
+
+def _max_memory() -> dict[Any, int]:
+    try:
+        from accelerate.utils import get_max_memory
+    except ImportError:  # accelerate is optional: fall back to what torch and the OS say
+        return _max_memory_without_accelerate()
+    return dict(get_max_memory())
+
+
+def _max_memory_without_accelerate() -> dict[Any, int]:
+    import os
+
+    import torch
+
+    memory: dict[Any, int] = {"cpu": os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")}
+    for index in range(torch.cuda.device_count()):
+        memory[index] = torch.cuda.mem_get_info(index)[0]
+    return memory
+
+
+def place_tensors(needs: dict[str, int], device: str, budget: int | None, cpu_budget: int | None) -> tuple[str, ...]:
+    """The tensors that must run on the CPU because their working set exceeds the GPU budget.
+
+    Args:
+        needs: each merged tensor's working set in bytes.
+        device: "cpu", "cuda" or "auto" (auto counts as cuda when a budget for it is known).
+        budget: bytes per worker on `device`, None when unknown (nothing checked there).
+        cpu_budget: bytes per worker in host RAM, None when unknown.
+    Returns:
+        The names routed to the CPU (empty on the CPU).
+    Raises:
+        ConfigError: a tensor fits neither its device nor, for a GPU, the CPU.
+    """
+    routed = []
+    for name, need in needs.items():
+        if budget is None or need <= budget:
+            continue
+        if device != "cpu" and (cpu_budget is None or need <= cpu_budget):
+            routed.append(name)
+            continue
+        where = "CPU" if device == "cpu" else f"{device} or the CPU"
+        raise ConfigError(f"tensor {name} needs about {_gib(need)} to merge, more than the {_gib(budget)} "
+                          f"per worker on {where}: raise --max-memory-per-worker or use machines with more memory")
+    return tuple(routed)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class _Totals:
+    gemm: float
+    eig: float
+    read: int
+    written: int
+
+    def seconds(self, rates: Rates, workers: int) -> float:
+        """Time with no overlap of compute and I/O (an upper bound for a balanced plan)."""
+        return (self.gemm / rates.gemm_flops + self.eig / rates.eig_flops + self.read / rates.read_bps
+                + self.written / rates.write_bps) / max(workers, 1)
+
+
+def estimate(works: list[TensorWork], method: str, streaming: bool, workers: int, device: str,
+             budget: int | None = None, cpu_budget: int | None = None,
+             cpu_rates: Rates | None = None) -> Estimate:
+    """The whole merge's cost per worker on the CPU and on a GPU, and where each tensor runs.
+
+    Args:
+        works: every output tensor.
+        method: the merge method's name.
+        streaming: whether it sees one task vector at a time.
+        workers: how many workers share the work (time divides by it; memory does not).
+        device: "cpu", "cuda" or "auto".
+        budget: bytes per worker the user allows on the compute device; None: `default_budget`.
+        cpu_budget: host RAM per worker for tensors routed off a GPU; None: `default_budget`.
+        cpu_rates: the CPU's rates (default: measured now).
+    Returns:
+        The estimate.
+    Raises:
+        ConfigError: a tensor fits nowhere.
+    """
+    n_models = max((len(w.ranks) for w in works), default=1)
+    needs = {w.name: working_set(w, method, streaming, n_models) for w in works if w.merge}
+    target = "cpu" if device == "cpu" else "cuda"
+    budget, source = (budget, "--max-memory-per-worker") if budget is not None else default_budget(target)
+    if cpu_budget is None:
+        cpu_budget = budget if target == "cpu" else default_budget("cpu")[0]
+    routed = place_tensors(needs, target, budget, cpu_budget)
+    flops = [spectral_flops(w) for w in works]
+    totals = _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
+                     sum(w.bytes_read for w in works), sum(w.bytes_out for w in works))
+    peak = max(needs.values(), default=0)
+    rates = cpu_rates or measured_cpu_rates()
+    cpu = DeviceEstimate("cpu", peak, peak, totals.seconds(rates, workers), rates)
+    gpu = DeviceEstimate("cuda", max((v for k, v in needs.items() if k not in routed), default=0),
+                         _gpu_host_bytes(works, needs, routed), totals.seconds(GPU_RATES, workers), GPU_RATES)
+    return Estimate(workers, totals.gemm + totals.eig, totals.read, totals.written, cpu, gpu,
+                    budget, source, routed)
+
+
+def _gpu_host_bytes(works: list[TensorWork], needs: dict[str, int], routed: tuple[str, ...]) -> int:
+    """Host RAM of a GPU worker: pinned buffers for one tensor's base + one model's input
+    (bytes_read spread over base and models), or the working set of a tensor routed to the CPU."""
+    one_pair = max((2 * w.bytes_read // (len(w.ranks) + 1) for w in works), default=0)
+    return max(PINNED_BUFFERS * one_pair, max((needs[name] for name in routed), default=0))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, make three tiny llama-shaped fine-tunes, and merge them with STAR on a local Ray
-# cluster that star-dist starts (loopback only) and stops. Output: ./demo_out
+# cluster of two workers that star-dist starts (loopback only) and stops. Ray is asked for
+# explicitly: `--runtime auto` would merge something this small in-process. Output: ./demo_out
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
@@ -12,7 +13,7 @@ out="${DEMO_OUT:-demo_out/merged}"
 rm -rf "$work" "$out"
 "$bin/star-dist" make-tiny "$work" --models 3
 "$bin/star-dist" plan "$work/merge.yaml" --max-shard-size 200kB
-"$bin/star-dist" merge "$work/merge.yaml" "$out" --max-shard-size 200kB
+"$bin/star-dist" merge "$work/merge.yaml" "$out" --max-shard-size 200kB --runtime ray --workers 2
 "$bin/python" - "$out" <<'PY'
 import json, statistics, sys
 from pathlib import Path

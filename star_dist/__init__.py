@@ -1,13 +1,14 @@
 """star_dist: exact, streaming, distributed model merging with STAR and the usual baselines.
 
     import star_dist
-    star_dist.merge("merge.yaml", "out/")              # in-process
+    star_dist.merge("merge.yaml", "out/")              # in-process, or on Ray when that pays
     star_dist.merge(config_dict, "out/", runtime="ray") # on a local or existing Ray cluster
     print(star_dist.plan("merge.yaml").summary())      # a dry run: headers only
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,27 @@ def load_config(config: ConfigLike) -> MergeConfig:
 
 
 def _options(**kwargs: Any) -> RunOptions:
-    if "max_shard_size" in kwargs:
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(RunOptions)})
+    if unknown:
+        valid = ", ".join(f.name for f in dataclasses.fields(RunOptions))
+        raise ConfigError(f"unknown run option(s) {', '.join(unknown)}; valid: {valid}")
+    if "max_shard_size" in kwargs and isinstance(kwargs["max_shard_size"], str):
         kwargs["max_shard_size"] = parse_size(kwargs["max_shard_size"])
     return RunOptions(**kwargs)
 
 
-def merge(config: ConfigLike, out_dir: str | Path, *, runtime: str = "local", **options: Any) -> MergeResult:
+def merge(config: ConfigLike, out_dir: str | Path, **options: Any) -> MergeResult:
     """Merge the models of `config` into the Hugging Face folder `out_dir`.
 
-    Runs in this process by default; `runtime="ray"` uses Ray (an embedded local cluster,
-    or `address=` an existing one). Other options: see `RunOptions` (max_shard_size,
-    overwrite, quiet, workers, device, threads_per_worker). Rerunning an interrupted merge
-    with the same arguments resumes it.
+    `runtime="auto"` (the default, as on the command line) joins `address=` or RAY_ADDRESS
+    when given, starts an embedded Ray cluster when the plan says several workers would
+    finish sooner, and otherwise runs in this process; `runtime="local"` always runs here,
+    `runtime="ray"` always on Ray. Other options: see `RunOptions` (max_shard_size,
+    overwrite, quiet, workers, device, threads_per_worker, verify_resume). Rerunning an
+    interrupted merge with the same arguments resumes it.
     """
-    return run_merge(load_config(config), out_dir, _options(runtime=runtime, **options))
+    run_options = _options(**options)  # cheap to check, so first
+    return run_merge(load_config(config), out_dir, run_options)
 
 
 def plan(config: ConfigLike, out_dir: str | Path = "merged", **options: Any) -> MergePlan:

@@ -18,7 +18,6 @@ from .safetensors_format import TensorEntry, read_header
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
 @dataclass(frozen=True)
@@ -171,9 +170,9 @@ def is_adapter_folder(folder: Path) -> bool:
 def resolve_model_folder(source: str) -> Path:
     """A local folder for `source`: the path itself, or a hub id fetched into the HF cache.
 
-    Hub ids (`org/name`, optionally `org/name@revision`) go through `huggingface_hub`'s
-    `snapshot_download`, which honours HF_HUB_CACHE and HF_HUB_OFFLINE, so a pre-filled
-    cache works without network access.
+    Hub ids (`org/name`, optionally `org/name@revision`) are pinned to one commit and fetched
+    into the driver's cache (star_dist.hub), honouring HF_HUB_CACHE and HF_HUB_OFFLINE, so a
+    pre-filled cache works without network access.
     """
     path = Path(os.path.expanduser(source))
     if path.is_dir():
@@ -181,25 +180,12 @@ def resolve_model_folder(source: str) -> Path:
     if path.exists():
         raise InputError(f"{source}: is a file; give the model folder that holds it")
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
-        raise InputError(f"{source}: no such folder (and not a hub id of the form org/name)")
+        where = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+        raise InputError(f"{source}: no such folder{where}, and not a hub id of the form org/name")
     return _download_from_hub(source)
 
 
 def _download_from_hub(source: str) -> Path:
-    repo_id, _, revision = source.partition("@")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise InputError(
-            f"{source}: not a local folder; to load hub ids install huggingface_hub "
-            "(pip install 'star-dist[hub]')"
-        ) from None
-    try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
-    except Exception as exc:  # network, auth, offline-and-not-cached: all end the same way
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"{source}: not a local folder, and fetching it from the Hugging Face hub failed "
-            f"({type(exc).__name__}: {first_line[:200]}); download it first or check HF_TOKEN"
-        ) from None
-    return Path(folder)
+    from .hub import download_snapshot  # pinned to one commit, in this (the driver's) cache
+
+    return download_snapshot(source)

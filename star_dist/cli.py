@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import DEFAULT_MAX_SHARD_SIZE, MergeConfig, RunOptions, parse_size
+from .config import DEFAULT_MAX_SHARD_SIZE, RUNTIMES, MergeConfig, RunOptions, parse_size
 from .errors import ConfigError, StarDistError
 
 EPILOG = "Config keys follow mergekit's. See the README for the reference and examples."
@@ -52,10 +52,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 def _run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("execution")
     g.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
-    g.add_argument("--runtime", choices=["ray", "local"], default="ray",
-                   help="ray (default: local cluster, or --address) or local (in this process)")
-    g.add_argument("--address", help="join a Ray cluster: auto | host:port | ray://host:port")
-    g.add_argument("--workers", type=int, help="number of worker actors (default: one per GPU, or cores / threads)")
+    _runtime_args(g)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where workers compute")
     g.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch threads per CPU worker (default 1); the output bytes depend on it")
@@ -63,6 +60,20 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--start-timeout", type=float, default=300.0,
                    help="seconds to wait for a first worker to start before failing (default 300; raise it "
                         "for an autoscaling cluster that must add nodes)")
+    g.add_argument("--verify-resume", action="store_true",
+                   help="re-hash the shards an earlier run finished before keeping them (in the workers, in "
+                        "parallel); by default a shard whose manifest, size and mtime match is kept")
+
+
+def _runtime_args(group: argparse._ArgumentGroup) -> None:
+    """Where the merge runs: `merge` takes these, and `plan` too, to say what it would choose."""
+    group.add_argument("--runtime", choices=list(RUNTIMES), default=RunOptions.runtime,
+                       help="auto (default): join --address or RAY_ADDRESS, else start a local Ray cluster when "
+                            "the plan says several workers would finish sooner, else run in this process; "
+                            "ray: always Ray (a local cluster, or --address); local: in this process")
+    group.add_argument("--address", help="join a Ray cluster: auto | host:port | ray://host:port")
+    group.add_argument("--workers", type=int,
+                       help="number of worker actors (default: one per GPU, or cores / threads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     plan.add_argument("--threads-per-worker", type=int, default=1)
     plan.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _runtime_args(plan.add_argument_group("execution (what plan would choose)"))
 
     tiny = sub.add_parser("make-tiny", help="write tiny llama-shaped checkpoints and a config, for demos and tests")
     tiny.add_argument("folder", help="where to write base/, ft0..ftN-1/ and merge.yaml")
@@ -167,17 +179,21 @@ def _is_number(text: str) -> bool:
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
+    """The flags given, as RunOptions: a flag a subcommand lacks takes RunOptions' default,
+    and RunOptions checks them all at once."""
+    defaults = RunOptions()
     return RunOptions(
         max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_MAX_SHARD_SIZE,
-        overwrite=getattr(args, "overwrite", False),
-        quiet=getattr(args, "quiet", False),
-        runtime=getattr(args, "runtime", "local"),
-        address=getattr(args, "address", None),
-        workers=getattr(args, "workers", None),
+        overwrite=getattr(args, "overwrite", defaults.overwrite),
+        quiet=getattr(args, "quiet", defaults.quiet),
+        runtime=getattr(args, "runtime", defaults.runtime),
+        address=getattr(args, "address", defaults.address),
+        workers=getattr(args, "workers", defaults.workers),
         device=args.device,
         threads_per_worker=args.threads_per_worker,
-        connect_timeout_s=getattr(args, "connect_timeout", 30.0),
-        start_timeout_s=getattr(args, "start_timeout", 300.0),
+        connect_timeout_s=getattr(args, "connect_timeout", defaults.connect_timeout_s),
+        start_timeout_s=getattr(args, "start_timeout", defaults.start_timeout_s),
+        verify_resume=getattr(args, "verify_resume", defaults.verify_resume),
     )
 
 
@@ -185,10 +201,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .run import run_merge
 
     options = run_options(args)
-    if options.workers is not None and options.workers < 1 or options.threads_per_worker < 1:
-        raise ConfigError("--workers and --threads-per-worker must be at least 1")
-    if not (options.connect_timeout_s > 0 and options.start_timeout_s > 0):
-        raise ConfigError("--connect-timeout and --start-timeout must be positive numbers of seconds")
     config = config_from_args(args)
     for note in config.notes:  # said once, before the work starts
         print(f"star-dist: note: {note}", file=sys.stderr)
@@ -201,6 +213,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         resumed = f" ({result.shards_resumed} resumed)" if result.shards_resumed else ""
         print(f"merged into {result.out_dir}: {result.shards_total} shard(s){resumed}, "
               f"{len(result.report['tensors'])} tensors")
+        print(f"runtime {result.runtime} ({result.runtime_reason})")
+        if result.bytes_read_per_worker:
+            print("read " + ", ".join(f"{w}: {human_bytes(n)}" for w, n in result.bytes_read_per_worker.items()))
     return 0
 
 
@@ -218,6 +233,9 @@ def merge_summary(config: MergeConfig, result: Any) -> dict[str, Any]:
         "config": config.to_dict(),
         "notes": list(config.notes),
         "warnings": list(result.warnings),
+        "runtime": result.runtime,
+        "runtime_reason": result.runtime_reason,
+        "bytes_read_per_worker": dict(result.bytes_read_per_worker),
     }
 
 
@@ -230,6 +248,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     summary["warnings"] = [*config.notes, *summary["warnings"]]
     resolved = resolved_parameters(config, plan.shards[0].weights if plan.shards else ())
     summary["resolved"] = resolved
+    summary["runtime"] = runtime_summary(plan, run_options(args))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -248,9 +267,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"write       {human_bytes(summary['bytes_to_write'])}")
     print(f"SVDs        {summary['svds']}")
     print(f"peak memory {human_bytes(summary['peak_memory_per_worker_bytes'])} per worker (estimate)")
+    print(f"runtime     {summary['runtime']['runtime']}: {summary['runtime']['reason']}")
     for warning in summary["warnings"]:
         print(f"warning     {warning}")
     return 0
+
+
+def runtime_summary(plan: Any, options: RunOptions) -> dict[str, Any]:
+    """Where `merge` with these options would run, and why (the `--runtime auto` decision)."""
+    from .runtime.choose import choose_runtime, estimate_seconds
+
+    choice = choose_runtime(plan, options)
+    return {"runtime": choice.runtime, "address": choice.address, "reason": choice.reason,
+            "estimated_seconds_one_worker": round(estimate_seconds(plan, options.threads_per_worker), 1)}
 
 
 def resolved_parameters(config: MergeConfig, weights: tuple[float, ...]) -> dict[str, Any]:

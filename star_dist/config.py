@@ -378,7 +378,10 @@ def _load_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+        # A relative path is read from the current directory, which under `ray job submit` is
+        # the head's, not the submitter's: say which directory that was.
+        where = "" if path.is_absolute() else f"; looked in {Path.cwd()}"
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror}{where})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a text file (byte {exc.start} is not {exc.encoding}: {exc.reason})") from None
     try:
@@ -550,18 +553,60 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+RUNTIMES = ("auto", "ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run a merge; none of this changes the output bytes except `threads_per_worker`
-    and `device`, whose floating-point reductions differ (so they are part of the plan)."""
+    """How to run a merge, with the one default of each option (the CLI and the API take
+    theirs from here). None of this changes the output bytes except `threads_per_worker` and
+    the device each shard actually ran on (floating-point reductions differ), which the plan
+    and the shard manifests record. Checked on creation: every problem in one ConfigError."""
 
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     overwrite: bool = False
     quiet: bool = False
-    runtime: str = "ray"  # "ray" | "local"
-    address: str | None = None  # None: start an embedded local cluster
+    runtime: str = "auto"  # "auto": join --address/RAY_ADDRESS, else Ray only when it pays | "ray" | "local"
+    address: str | None = None  # None: no cluster to join (RAY_ADDRESS still counts under "auto")
     workers: int | None = None  # None: one per GPU, or one per `threads_per_worker` CPUs
-    device: str = "auto"  # "cpu" | "cuda" | "auto"
+    device: str = "auto"  # "cpu" | "cuda" | "auto" (a GPU when the worker has one)
     threads_per_worker: int = 1
     connect_timeout_s: float = 30.0
     start_timeout_s: float = 300.0  # fail when no worker has started for this long
+    verify_resume: bool = False  # re-hash finished shards before trusting them (in the workers)
+
+    def __post_init__(self) -> None:
+        problems = run_option_problems(self)
+        if problems:
+            raise ConfigError("run options: " + "; ".join(problems))
+
+
+def run_option_problems(options: RunOptions) -> list[str]:
+    """Every invalid option, in words naming the option and what it takes."""
+    problems = []
+    for name in ("overwrite", "quiet", "verify_resume"):
+        if not isinstance(getattr(options, name), bool):
+            problems.append(f"{name} must be true or false, got {getattr(options, name)!r}")
+    for name, allowed in (("runtime", RUNTIMES), ("device", DEVICES)):
+        if getattr(options, name) not in allowed:
+            problems.append(f"{name} {getattr(options, name)!r} is not one of {', '.join(allowed)}")
+    if not _positive_int(options.max_shard_size):
+        problems.append(f"max_shard_size must be a positive number of bytes, got {options.max_shard_size!r}")
+    if options.workers is not None and not _positive_int(options.workers):
+        problems.append(f"workers must be at least 1 (or None: one per GPU or CPU group), got {options.workers!r}")
+    if not _positive_int(options.threads_per_worker):
+        problems.append(f"threads_per_worker must be at least 1, got {options.threads_per_worker!r}")
+    for name in ("connect_timeout_s", "start_timeout_s"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            problems.append(f"{name} must be a positive number of seconds, got {value!r}")
+    if options.address is not None and (not isinstance(options.address, str) or not options.address.strip()):
+        problems.append(f"address must be auto, host:port or ray://host:port, got {options.address!r}")
+    elif options.address is not None and options.runtime == "local":
+        problems.append(f"address {options.address!r} joins a Ray cluster, but runtime is 'local'")
+    return problems
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -7,14 +7,16 @@ Both check their fit against the base and report errors naming the file and the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, is_adapter_folder, resolve_model_folder
 from .errors import InputError
+from .hub import is_hub_id
 from .lora import LoraAdapter, LoraSource
 from .safetensors_format import TensorEntry
 
-__all__ = ["FullInput", "LoraAdapter", "LoraSource", "open_input"]
+__all__ = ["FullInput", "LoraAdapter", "LoraSource", "open_input", "absolute_source"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,25 @@ class FullInput:
         return list(self.checkpoint.tensors.values())
 
 
+def absolute_source(source: str) -> str:
+    """A hub id as it is; a local path made absolute and normalized, not resolved (symlinks,
+    such as a hub cache's, stay), so workers with another current directory read the same
+    files and the plan's identity does not depend on how the path was spelled.
+
+    Args:
+        source: what the config says: a folder (relative to the current directory) or a hub id.
+
+    Returns:
+        The hub id, or the absolute path.
+    """
+    if is_hub_id(source):
+        return source
+    return os.path.abspath(os.path.expanduser(source))  # lexical: `a/../b` is `b`, links are not followed
+
+
 def open_input(source: str, base: Checkpoint) -> FullInput | LoraAdapter:
     """Open a fine-tuned input: a PEFT adapter folder if it has adapter_config.json."""
-    folder = resolve_model_folder(source)
+    folder = resolve_model_folder(absolute_source(source))
     if is_adapter_folder(folder):
         return LoraAdapter.open(source, folder, base)
     return FullInput(Checkpoint.from_folder(source, folder))

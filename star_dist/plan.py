@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, resolve_model_folder
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import ConfigError, InputError
-from .inputs import FullInput, LoraAdapter, LoraSource, open_input
+from .hub import HubFile, content_id, hub_files, is_hub_id
+from .inputs import FullInput, LoraAdapter, LoraSource, absolute_source, open_input
 from .lora import ADAPTER_FILE
 from .mergekit_params import TensorParams, count_layers, resolve_tensor_params
 from .methods import MergeMethod, get_method
@@ -75,6 +77,7 @@ class ShardJob:
     bytes_read: int
     bytes_out: int  # for an adapter: an upper bound (ranks are known only after STAR)
     output_format: str = "model"
+    hub_files: tuple[HubFile, ...] = ()  # the pinned hub files it reads, fetched by the worker's node
 
 
 @dataclass
@@ -91,6 +94,7 @@ class MergePlan:
     peak_memory_per_worker: int
     identity: dict[str, Any] = field(default_factory=dict)  # what the fingerprint covers, part by part
     warnings: list[str] = field(default_factory=list)
+    local_files: dict[str, int] = field(default_factory=dict)  # input files read by path: absolute path -> size
 
     @property
     def n_tensors(self) -> int:
@@ -140,7 +144,8 @@ def natural_key(name: str) -> list[Any]:
 def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> MergePlan:
     """Index every input from its headers, check they agree, and cut the output into shards."""
     method = get_method(config.merge_method, config.method_params(), config.model_method_params())
-    base = Checkpoint.open(config.base_model)
+    out_dir = Path(os.path.abspath(out_dir))  # absolute and normalized, not resolved: symlinks stay
+    base = Checkpoint.from_folder(config.base_model, resolve_model_folder(absolute_source(config.base_model)))
     inputs = [open_input(m.model, base) for m in config.models]
     weights = tuple(method.resolve_weights(config.model_weights()))
     out_dtype_code = DTYPE_NAMES[config.output_dtype] if config.output_dtype else None
@@ -156,7 +161,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
             f"slices: layer_range {list(config.layer_range)} is not the whole model ([0, {n_layers}] for "
             f"{config.base_model}); star_dist merges whole models only"
         )
-    for name in sorted(base.tensors, key=natural_key):
+    for name in sorted(base.tensors, key=_by_input_file(base)):
         entry = base.tensors[name]
         sources = tuple(inp.source_for(name, entry) for inp in inputs)
         merge = entry.is_float
@@ -180,7 +185,8 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         cost, n_svd = _cost(tensors, config.merge_method)
         svd_ops += n_svd
         shards_draft.append((tensors, cost))
-    identity = plan_identity(config, options, base, inputs, groups)
+    hub = _hub_files(config, base, inputs)
+    identity = plan_identity(config, options, base, inputs, groups, hub)
     fingerprint = identity["fingerprint"]
     n = len(groups)
     shards = [
@@ -194,7 +200,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
             weights=weights,
             lambda_=config.lambda_,
             compute_dtype=config.compute_dtype,
-            out_dir=str(Path(out_dir).resolve()),
+            out_dir=str(out_dir),
             threads=options.threads_per_worker,
             device=options.device,
             fingerprint=fingerprint,
@@ -202,12 +208,13 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
             bytes_read=sum(_bytes_read(t) for t in tensors),
             bytes_out=sum(t.out_bytes for t in tensors),
             output_format=config.output_format,
+            hub_files=tuple(hub[f] for f in sorted(_files_of(tensors)) if f in hub),
         )
         for i, (tensors, cost) in enumerate(shards_draft)
     ]
     return MergePlan(
         config=config,
-        out_dir=Path(out_dir),
+        out_dir=out_dir,
         base=base,
         inputs=inputs,
         shards=shards,
@@ -216,7 +223,42 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         n_svds=svd_ops,
         peak_memory_per_worker=_peak_memory(tensor_jobs, method.streaming, len(inputs)),
         warnings=[*base.notes, *(n for inp in inputs if isinstance(inp, FullInput) for n in inp.checkpoint.notes)],
+        local_files={f: os.stat(f).st_size for f in sorted(_files_of(tensor_jobs)) if f not in hub},
     )
+
+
+def _by_input_file(base: Checkpoint) -> Any:
+    """Sort key: tensors grouped by the base file they live in (files in natural order), then
+    by name, so each output shard reads few input files (one download each per node)."""
+    rank = {f: i for i, f in enumerate(sorted({e.file for e in base.tensors.values()}, key=natural_key))}
+    return lambda name: (rank[base.tensors[name].file], natural_key(name))
+
+
+def _files_of(tensors: list[TensorJob] | tuple[TensorJob, ...]) -> set[str]:
+    """Every input file the tensors read (base and each model's entries or LoRA factors)."""
+    files = set()
+    for t in tensors:
+        files.add(t.base.file)
+        for src in t.models:
+            if isinstance(src, LoraSource):
+                files |= {src.a.file, src.b.file}
+            elif src is not None:
+                files.add(src.file)
+    return files
+
+
+def _hub_files(config: MergeConfig, base: Checkpoint, inputs: list[FullInput | LoraAdapter]) -> dict[str, HubFile]:
+    """driver path -> HubFile, for the inputs given as hub ids (pinned: their snapshot's commit)."""
+    sources = [(config.base_model, base.folder, base.tensors.values())]
+    for spec, inp in zip(config.models, inputs, strict=True):
+        folder = inp.folder if isinstance(inp, LoraAdapter) else inp.checkpoint.folder
+        sources.append((spec.model, folder, inp.entries()))
+    out: dict[str, HubFile] = {}
+    for source, folder, entries in sources:
+        if is_hub_id(source):
+            repo_id = source.partition("@")[0]
+            out.update((f.driver_path, f) for f in hub_files(repo_id, folder, {e.file for e in entries}))
+    return out
 
 
 def _shard_name(output_format: str, index: int, count: int) -> str:
@@ -291,12 +333,16 @@ def _check_identical_copies(name: str, entry: TensorEntry, sources: tuple[Source
 
 
 def _pack_shards(jobs: list[TensorJob], max_bytes: int) -> list[list[TensorJob]]:
-    """Greedy packing in name order; a tensor larger than the limit gets a shard of its own."""
+    """Greedy packing in the planned order (grouped by the base's input file); a tensor larger
+    than the limit gets a shard of its own. A shard at least half full also ends where the
+    base's input file changes, so each shard reads few input files (and a node fetching hub
+    files downloads few), without making shards much smaller than the limit."""
     groups: list[list[TensorJob]] = []
     current: list[TensorJob] = []
     size = 0
     for job in jobs:
-        if current and size + job.out_bytes > max_bytes:
+        new_file = bool(current) and job.base.file != current[-1].base.file
+        if current and (size + job.out_bytes > max_bytes or (new_file and 2 * size >= max_bytes)):
             groups.append(current)
             current, size = [], 0
         current.append(job)
@@ -363,27 +409,48 @@ def plan_identity(
     base: Checkpoint,
     inputs: list[Any],
     groups: list[list[TensorJob]],
+    hub: dict[str, HubFile] | None = None,
 ) -> dict[str, Any]:
     """What the output bytes depend on, part by part, and its digest (`fingerprint`): config,
     numerics settings, input files, shard layout, and star_dist's version. Kept part by part
     so a refused resume can say what changed. A file counts as unchanged while its size,
     mtime and ctime are: hashing terabytes of inputs on every resume would cost more than
-    the merge, and ctime, unlike mtime, cannot be set back by hand after an in-place edit."""
+    the merge, and ctime, unlike mtime, cannot be set back by hand after an in-place edit.
+
+    Files are named by what they are, not by how they were spelled: a local file by its
+    absolute path, a hub file by repo, commit and file name (with its size and blob hash), so
+    the same merge started from another directory, or on a node with another cache, resumes.
+    The device is not here: each shard's manifest records the one it ran on, and a resume
+    redoes shards computed on another device (`--device auto` is a request, not an identity)."""
+    hub = hub or {}
     files: dict[str, Any] = {}
     for entry in [*base.tensors.values(), *(e for inp in inputs for e in inp.entries())]:
-        if entry.file not in files:
-            st = Path(entry.file).stat()
-            files[entry.file] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        key = hub[entry.file].uri if entry.file in hub else entry.file
+        if key not in files:
+            files[key] = content_id(hub[entry.file]) if entry.file in hub else _stat_id(entry.file)
     parts = {
         "star_dist": package_version(),
-        "config": _digest(config.to_dict()),
-        "settings": {"threads": options.threads_per_worker, "device": options.device},
+        "config": _digest(_config_identity(config)),
+        "settings": {"threads": options.threads_per_worker},
         "files": files,
         "shards": _digest([[t.name for t in g] for g in groups]),
         "lora": _digest([inp.scales() for inp in inputs if isinstance(inp, LoraAdapter)]),
-        "format": 2,
+        "format": 3,
     }
     return {**parts, "fingerprint": _digest(parts)}
+
+
+def _config_identity(config: MergeConfig) -> dict[str, Any]:
+    """The config as data, each local path absolute: spelled from any directory, one identity."""
+    data = config.to_dict()
+    data["base_model"] = absolute_source(config.base_model)
+    data["models"] = [{**m, "model": absolute_source(m["model"])} for m in data["models"]]
+    return data
+
+
+def _stat_id(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _digest(value: Any) -> str:

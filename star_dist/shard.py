@@ -86,6 +86,8 @@ def _finish(
     manifest: Manifest = {
         "file": job.file_name,
         "size": size,
+        "mtime_ns": os.stat(Path(job.out_dir) / job.file_name).st_mtime_ns,  # with size: what resume trusts
+        "device": resolve_device(job.device).type,  # where it was computed: a resume never mixes devices
         "sha256": sha256,
         "fingerprint": job.fingerprint,
         "tensors": [t.name for t in job.tensors],

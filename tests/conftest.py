@@ -59,12 +59,13 @@ def medium_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The real `star-dist` command in a subprocess."""
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `star-dist` command in a subprocess (in `cwd`, default this one)."""
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
     return subprocess.run(
-        [str(BIN / "star-dist"), *args], capture_output=True, text=True, timeout=timeout, env=full_env
+        [str(BIN / "star-dist"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
     )
 
 

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+from ..config import RunOptions
 from ..errors import MergeError, StarDistError
 from ..files import shard_os_error
+from ..merge_tensor import resolve_device
 from ..plan import ShardJob
 from ..progress import Progress
+from ..resume import hash_differs
 from ..shard import Manifest, merge_shard
+from .api import Runtime
+
+VERIFY_THREADS = 4  # hashing is I/O-bound and hashlib releases the GIL: a few threads overlap reads
+
+
+def local_runtime(options: RunOptions) -> Runtime:
+    """This process as the one worker."""
+    return Runtime("local", lambda: resolve_device(options.device).type, run_shards, verify_shards)
 
 
 def run_shards(jobs: list[ShardJob], progress: Progress) -> list[Manifest]:
     """Merge each shard in turn, reporting progress tensor by tensor."""
     return [_merge_one(job, progress) for job in jobs]
+
+
+def verify_shards(shards: list[tuple[str, str]]) -> list[str]:
+    """Re-hash finished shards on a few threads; returns the paths whose sha256 differs."""
+    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
+        differs = list(pool.map(lambda item: hash_differs(*item), shards))
+    return [path for (path, _), bad in zip(shards, differs, strict=True) if bad]
 
 
 def _merge_one(job: ShardJob, progress: Progress) -> Manifest:

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,11 @@ from ..files import shard_os_error
 from ..plan import ShardJob
 from ..progress import Progress
 from ..shard import Manifest
+from .api import Runtime
 from .ray_cluster import ray_session
+from .storage import StorageCheck
 
-__all__ = ["ray_session", "shard_runner", "run_shards", "pool_shape", "actor_device", "PoolShape"]
+__all__ = ["ray_session", "ray_runtime", "pool_shape", "actor_device", "PoolShape"]
 
 # Test hooks for the fault tests: the first worker to see this path absent creates it and
 # dies mid-shard; a worker given the shard named by the second always dies on it.
@@ -74,31 +76,52 @@ def _log_to_stderr() -> None:
 class ShardWorker:
     """A Ray actor: plain Python around `merge_shard`, tagging its log lines with its id."""
 
-    def __init__(self, worker_id: int, threads: int, device: str, crash: dict[str, str]) -> None:
+    def __init__(self, worker_id: int, threads: int, device: str, crash: dict[str, str],
+                 storage: StorageCheck | None = None) -> None:
         import torch
 
         self.worker_id = worker_id
         self.requested_device = device
         self.crash = crash
+        self.storage = storage
+        self.node: str | None = None  # set once this node's storage checked out
         torch.set_num_threads(threads)
         _log_to_stderr()
 
     def info(self) -> dict[str, Any]:
-        """Who this worker is and where it computes; raises if that place does not exist."""
+        """Who this worker is and where it computes; raises, naming the node, if that device
+        does not exist or this node does not see the inputs and the output folder."""
         import ray
         import torch
 
+        from .storage import check_node_storage, node_name
+
+        if self.node is None:
+            node = node_name()
+            if self.storage is not None:
+                check_node_storage(self.storage, node)
+            self.node = node
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         device = actor_device(self.requested_device, gpu_ids, torch.cuda.is_available())
-        return {"worker": self.worker_id, "pid": os.getpid(), "gpu_ids": gpu_ids, "device": device}
+        return {"worker": self.worker_id, "pid": os.getpid(), "gpu_ids": gpu_ids, "device": device, "node": self.node}
+
+    def verify(self, path: str, sha256: str) -> bool:
+        """Whether a finished shard's bytes still hash to its manifest's sha256."""
+        from ..resume import hash_differs
+
+        return not hash_differs(path, sha256)
 
     def merge(self, job: ShardJob) -> Manifest:
+        from ..hub import localize
         from ..shard import merge_shard
 
         start = time.perf_counter()
         info = self.info()
         log.info("[worker %d] %s: %d tensors on %s", self.worker_id, job.file_name, len(job.tensors), info["device"])
         self._maybe_crash(job)
+        job, fetched = localize(job)  # hub files: this node's own cache, fetched if missing
+        if fetched:
+            info = {**info, "hub_files": fetched}
         manifest = merge_shard(dataclasses.replace(job, device=info["device"]), worker=info)
         log.info("[worker %d] %s: done in %.1fs", self.worker_id, job.file_name, time.perf_counter() - start)
         return manifest
@@ -198,27 +221,17 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
-ShardRunner = Callable[[list[ShardJob], Progress], list[Manifest]]
-
-
-def shard_runner(options: RunOptions, n_jobs: int, embedded: bool) -> ShardRunner:
-    """Size the pool on the cluster now (so a shape that cannot work fails before any
-    progress is drawn) and return the function that runs the shards on it."""
+@contextlib.contextmanager
+def ray_runtime(options: RunOptions, n_jobs: int, embedded: bool, storage: StorageCheck) -> Iterator[Runtime]:
+    """The actor pool on the cluster now (inside `ray_session`), sized first so that a shape
+    that cannot work fails before any progress is drawn; its actors go when the run ends."""
     nodes = alive_nodes()
     shape = pool_shape(nodes, options, n_jobs, embedded)
-    return functools.partial(run_shards, shape=shape, nodes=nodes, options=options)
-
-
-def run_shards(
-    jobs: list[ShardJob], progress: Progress, shape: PoolShape, nodes: list[dict[str, float]], options: RunOptions
-) -> list[Manifest]:
-    """Merge the shards on Ray actors (inside `ray_session`); manifests in completion order."""
-    progress.message(f"ray: {shape.describe()}")
     crash = {key: os.environ[env] for key, env in (("once", CRASH_ONCE_ENV), ("shard", CRASH_ON_SHARD_ENV))
              if os.environ.get(env)}
-    pool = ActorPool(shape, options, crash)
+    pool = ActorPool(shape, options, crash, storage)
     try:
-        return pool.run(jobs, progress, nodes)
+        yield Runtime("ray", pool.device, functools.partial(pool.run, nodes=nodes), pool.verify)
     finally:
         pool.shutdown()
 
@@ -226,7 +239,8 @@ def run_shards(
 class ActorPool:
     """Hands shards to started, idle actors (one in flight each) and replaces actors that die."""
 
-    def __init__(self, shape: PoolShape, options: RunOptions, crash: dict[str, str]) -> None:
+    def __init__(self, shape: PoolShape, options: RunOptions, crash: dict[str, str],
+                 storage: StorageCheck | None = None) -> None:
         import ray
 
         self._actor_cls = ray.remote(ShardWorker).options(
@@ -238,6 +252,8 @@ class ActorPool:
         self._shape = shape
         self._options = options
         self._crash = crash
+        self._storage = storage
+        self._device: str | None = None  # the first started worker's
         self._next_id = 0
         self.starting: dict[Any, Any] = {}  # info() ref -> actor not yet known to run
         self.idle: list[Any] = []
@@ -247,13 +263,37 @@ class ActorPool:
 
     def _new_actor(self) -> None:
         actor = self._actor_cls.remote(self._next_id, self._options.threads_per_worker, self._options.device,
-                                       self._crash)
+                                       self._crash, self._storage)
         self._next_id += 1
         self.starting[actor.info.remote()] = actor
+
+    def device(self) -> str:
+        """Where this pool's workers compute: the first to start says (the pool is uniform)."""
+        import ray
+
+        deadline = time.monotonic() + self._options.start_timeout_s
+        while self._device is None:
+            if time.monotonic() > deadline or not self.starting:
+                raise ClusterError(self._no_worker_message(self._options.start_timeout_s, alive_nodes()))
+            ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=WAIT_SLICE_S)
+            for ref in ready:
+                self._started(ref)
+        return self._device
+
+    def verify(self, shards: list[tuple[str, str]]) -> list[str]:
+        """Re-hash finished shards on the started workers, spread round-robin; the paths that differ."""
+        import ray
+
+        self.device()  # at least one worker is up
+        actors = list(self.idle)
+        refs = [actors[i % len(actors)].verify.remote(path, sha) for i, (path, sha) in enumerate(shards)]
+        same = ray.get(refs, timeout=max(600.0, 60.0 * len(shards)))
+        return [path for (path, _), ok in zip(shards, same, strict=True) if not ok]
 
     def run(self, jobs: list[ShardJob], progress: Progress, nodes: list[dict[str, float]]) -> list[Manifest]:
         import ray
 
+        progress.message(f"ray: {self._shape.describe()}")
         queue = list(jobs)  # most expensive first, as the driver sorted them
         deaths: dict[str, int] = {}
         manifests: list[Manifest] = []
@@ -292,11 +332,12 @@ class ActorPool:
 
         actor = self.starting.pop(ref)
         try:
-            ray.get(ref, timeout=60)
-        except ray.exceptions.RayTaskError as exc:  # info() refused: no such device here
+            info = ray.get(ref, timeout=60)
+        except ray.exceptions.RayTaskError as exc:  # info() refused: no such device, or storage unseen
             raise _unwrap(exc, "a worker") from None
         except ray.exceptions.RayActorError as exc:  # the process could not start
             raise ClusterError(f"a Ray worker could not start: {_first_line(exc)}") from None
+        self._device = self._device or info["device"]
         self.idle.append(actor)
 
     def _collect(self, ref: Any, job: ShardJob, deaths: dict[str, int], progress: Progress) -> Manifest | None:

@@ -71,8 +71,20 @@ def _wait_for_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"port {port} never opened")
 
 
+# The README's `ray job submit` line, run exactly as written (but for the dashboard port) from
+# the folder that holds merge.yaml, as the README says; keep the two identical.
+README_SUBMIT = ('ray job submit --address http://127.0.0.1:8265 -- '
+                 'star-dist merge "$PWD/merge.yaml" "$PWD/out" --address auto')
+
+
 def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) -> None:
+    """The head runs from its own directory, as a real cluster's does: the job's working
+    directory is the head's, so the README passes absolute paths ("$PWD/...") from the
+    submitter's folder; a relative config path fails with one line saying where it looked."""
     expected = folder_bytes(star_dist.merge(tiny_fp32 / "merge.yaml", tmp_path / "local", quiet=True).out_dir)
+    work, head_dir = tmp_path / "work", tmp_path / "head"
+    shutil.copytree(tiny_fp32, work)
+    head_dir.mkdir()
     gcs_port, dashboard_port = _free_port(), _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {
@@ -87,23 +99,25 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
          f"--temp-dir={ray_tmp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=head_dir,
     )
     try:
         _wait_for_port(dashboard_port, 120)
+        readme_line = README_SUBMIT.replace("8265", str(dashboard_port))
         for _attempt in range(10):  # the head's job agent can lag its dashboard by a few seconds
-            submit = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--",
-                 "star-dist", "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "job_out"), "--address", "auto",
-                 "--quiet"],
-                env=env, capture_output=True, text=True, timeout=300,
-            )
+            submit = subprocess.run(["bash", "-c", readme_line], env=env, capture_output=True, text=True,
+                                    timeout=300, cwd=work)
             if "No available agent to submit job" not in submit.stderr:
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
-        assert folder_bytes(tmp_path / "job_out") == expected
+        assert folder_bytes(work / "out") == expected
+        relative = subprocess.run(["bash", "-c", readme_line.replace('"$PWD/merge.yaml" "$PWD/out"', "merge.yaml out")],
+                                  env=env, capture_output=True, text=True, timeout=300, cwd=work)
+        assert relative.returncode != 0
+        assert f"merge.yaml: cannot read the config (No such file or directory; looked in {head_dir})" in (
+            relative.stdout + relative.stderr)
         # `--address auto` from a shell that knows nothing of the head's --temp-dir (no
         # RAY_TMPDIR, no RAY_ADDRESS) still finds it, through its running GCS process.
         shell_env = {k: v for k, v in env.items() if k != "RAY_TMPDIR"}
@@ -117,7 +131,8 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         # With that head recorded as this machine's current cluster, the embedded default
         # must still start a cluster of its own rather than join (or fail on) the head.
         embedded = subprocess.run(
-            [str(BIN / "star-dist"), "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "embedded"), "--quiet"],
+            [str(BIN / "star-dist"), "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "embedded"), "--quiet",
+             "--runtime", "ray"],
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert embedded.returncode == 0, embedded.stderr[-3000:]

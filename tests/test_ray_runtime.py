@@ -68,7 +68,8 @@ def test_a_shard_that_always_kills_its_worker_fails_cleanly_and_the_rerun_resume
     jobs = sorted(star_dist.plan(config, tmp_path / "out", max_shard_size="60kB").shards,
                   key=lambda j: (-j.cost, j.index))
     doomed = jobs[-1].file_name  # run last by the single worker, so every other shard is done first
-    args = ["merge", str(config), str(tmp_path / "out"), "--max-shard-size", "60kB", "--workers", "1"]
+    args = ["merge", str(config), str(tmp_path / "out"), "--max-shard-size", "60kB", "--workers", "1",
+            "--runtime", "ray"]
     result = run_cli(*args, "--quiet", env={CRASH_ON_SHARD_ENV: doomed}, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
@@ -142,7 +143,7 @@ def test_workers_that_can_never_start_fail_within_the_start_timeout(
 def test_embedded_cluster_without_gpus_refuses_cuda_at_once(tiny_fp32: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(out), "--device", "cuda", "--workers", "2",
-                     timeout=120)
+                     "--runtime", "ray", timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no GPU that Ray can see" in lines[0], result.stderr
@@ -229,9 +230,10 @@ def test_unreachable_cluster_is_a_clear_error_not_a_hang(tiny_fp32: Path, tmp_pa
 
 
 def test_embedded_cluster_from_the_cli(tiny_fp32: Path, tmp_path: Path) -> None:
-    """No --address: the CLI starts its own loopback cluster, merges, and stops it."""
+    """--runtime ray, no --address: the CLI starts its own loopback cluster, merges, and stops it."""
     expected = _local_reference(tiny_fp32 / "merge.yaml", tmp_path / "local")
-    result = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "out"), "--max-shard-size", "60kB")
+    result = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "out"), "--max-shard-size", "60kB",
+                     "--runtime", "ray")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "merged into" in result.stdout
     # Worker logs reach the driver, tagged with the worker id, on stderr: stdout stays the result's.

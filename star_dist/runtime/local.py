@@ -18,8 +18,9 @@ VERIFY_THREADS = 4  # hashing is I/O-bound and hashlib releases the GIL: a few t
 
 
 def local_runtime(options: RunOptions) -> Runtime:
-    """This process as the one worker."""
-    return Runtime("local", lambda: resolve_device(options.device).type, run_shards, verify_shards)
+    """This process as the one worker; a device it does not have fails here, before any shard."""
+    device = resolve_device(options.device).type
+    return Runtime("local", lambda: device, run_shards, verify_shards)
 
 
 def run_shards(jobs: list[ShardJob], progress: Progress) -> list[Manifest]:

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import DEFAULT_MAX_SHARD_SIZE, RUNTIMES, MergeConfig, RunOptions, parse_size
+from .config import DEFAULT_MAX_SHARD_SIZE, DEVICES, RUNTIMES, MergeConfig, RunOptions, parse_size
 from .errors import ConfigError, StarDistError
 
 EPILOG = "Config keys follow mergekit's. See the README for the reference and examples."
@@ -53,11 +53,12 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("execution")
     g.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     _runtime_args(g)
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where workers compute")
-    g.add_argument("--threads-per-worker", type=int, default=1,
+    g.add_argument("--device", choices=list(DEVICES), default=RunOptions.device, help="where workers compute")
+    g.add_argument("--threads-per-worker", type=int, default=RunOptions.threads_per_worker,
                    help="torch threads per CPU worker (default 1); the output bytes depend on it")
-    g.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for a Ray cluster")
-    g.add_argument("--start-timeout", type=float, default=300.0,
+    g.add_argument("--connect-timeout", type=float, default=RunOptions.connect_timeout_s,
+                   help="seconds to wait for a Ray cluster (default 30)")
+    g.add_argument("--start-timeout", type=float, default=RunOptions.start_timeout_s,
                    help="seconds to wait for a first worker to start before failing (default 300; raise it "
                         "for an autoscaling cluster that must add nodes)")
     g.add_argument("--verify-resume", action="store_true",
@@ -100,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    plan.add_argument("--threads-per-worker", type=int, default=1)
-    plan.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    plan.add_argument("--threads-per-worker", type=int, default=RunOptions.threads_per_worker)
+    plan.add_argument("--device", choices=list(DEVICES), default=RunOptions.device)
     _runtime_args(plan.add_argument_group("execution (what plan would choose)"))
 
     tiny = sub.add_parser("make-tiny", help="write tiny llama-shaped checkpoints and a config, for demos and tests")

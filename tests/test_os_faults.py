@@ -200,7 +200,7 @@ def test_an_unexpected_failure_in_a_local_shard_names_the_shard(
         raise RuntimeError("simulated library failure")
 
     monkeypatch.setattr(merge_tensor.TensorMerger, "merge", broken)
-    with pytest.raises(MergeError, match=r"shard model-00001-of-00009\.safetensors: merge failed: RuntimeError"):
+    with pytest.raises(MergeError, match=r"shard model-00001-of-\d{5}\.safetensors: merge failed: RuntimeError"):
         star_dist.merge(tiny_fp32 / "merge.yaml", tmp_path / "out", runtime="local", quiet=True,
                         max_shard_size="60kB")
     assert not (tmp_path / "out").exists()

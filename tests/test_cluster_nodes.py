@@ -161,3 +161,15 @@ def test_nodes_with_their_own_directories_and_hub_caches(tiny_fp32: Path, tmp_pa
     assert "cannot write into the output folder /proc/self/cwd/per_node_out (No such file or directory)" in message
     assert "mount the shared file system at the same path on every node" in message and "\n" not in message
     assert not results["driver_left"]  # the run removed the folder it had created
+
+
+def test_merge_reports_where_it_ran_and_the_bytes_each_worker_read(tiny_fp32: Path, tmp_path: Path) -> None:
+    result = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    plan = star_dist.plan(tiny_fp32 / "merge.yaml", tmp_path / "out")
+    assert summary["runtime"] == "local" and summary["runtime_reason"].startswith("the plan has 1 shard")
+    assert summary["bytes_read_per_worker"] == {"local": plan.bytes_read}
+    text = run_cli("merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "out2"))
+    assert "runtime local (the plan has 1 shard: one worker at a time, in this process)" in text.stdout
+    assert "read local: " in text.stdout

@@ -34,7 +34,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         "config", nargs="?", help="merge config YAML (optional when --base-model and --model are given)"
     )
     g = parser.add_argument_group("merge settings (override the config file)")
-    g.add_argument("--method", dest="merge_method", help="star | task_arithmetic | ties | average")
+    g.add_argument("--method", dest="merge_method",
+                   help="star | task_arithmetic | ties | average | tsv | iso_c | iso_cts")
     g.add_argument("--base-model", help="base model folder or hub id")
     g.add_argument("--model", action="append", dest="models", metavar="PATH[:WEIGHT]",
                    help="a fine-tuned model or LoRA adapter; repeat for each (replaces the config's models)")
@@ -268,6 +269,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"write       {human_bytes(summary['bytes_to_write'])}")
     print(f"SVDs        {summary['svds']}")
     print(f"peak memory {human_bytes(summary['peak_memory_per_worker_bytes'])} per worker (estimate)")
+    if summary.get("peak_memory_note"):
+        print(f"            {summary['peak_memory_note']}")
     print(f"runtime     {summary['runtime']['runtime']}: {summary['runtime']['reason']}")
     for warning in summary["warnings"]:
         print(f"warning     {warning}")

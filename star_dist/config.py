@@ -3,7 +3,7 @@
 Keys follow mergekit where they mean the same thing, so an existing mergekit YAML for
 `task_arithmetic` or `ties` runs unchanged:
 
-    merge_method: star            # star (default) | task_arithmetic | ties | average
+    merge_method: star            # star (default) | task_arithmetic | ties | average | tsv | iso_c | iso_cts
     base_model: path/or/hub-id
     models:
       - model: path/or/hub-id
@@ -209,7 +209,7 @@ class MergeConfig:
             method = METHOD_ALIASES[method]
         if method in UNSUPPORTED_MERGEKIT_METHODS:
             problems.append(f"merge_method {method!r}: a mergekit method star_dist does not implement "
-                            "(use star, task_arithmetic, ties, average or linear)")
+                            "(use star, task_arithmetic, ties, average, linear, tsv, iso_c or iso_cts)")
         base = data.get("base_model")
         models: list[ModelSpec] = []
         raw_models = data.get("models") or []

@@ -2,7 +2,9 @@
 
 `W = W_base + λ · Σ_i w_i f(τ_i)` for streaming methods (one task vector in memory at a
 time); row blocks of all task vectors at once for joint methods (TIES), after a first pass
-that lets each model's whole task vector set its own statistics (trim threshold).
+that lets each model's whole task vector set its own statistics (trim threshold); for fold
+methods (TSV-M, Iso-C, Iso-CTS) `W = W_base + λ · finish(fold of every τ_i)`, still one task
+vector in memory at a time, in as many passes as the method needs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .errors import DataError, MergeError
 from .lora import LoraSource
 from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
+from .methods.fold import FoldMethod
 from .plan import Source, TensorJob
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
@@ -89,11 +92,15 @@ class TensorMerger:
         # Never compute below the inputs' precision: float64 tensors stay float64.
         self.dtype = torch.float64 if job.base.dtype == "F64" else self.config_dtype
         base = self._load(job.base, job.name)  # (shape), compute dtype
-        if isinstance(self.method, StreamingMethod):
+        if isinstance(self.method, FoldMethod):
+            update, stats = self._fold(job, base)
+            merged = base if update is None else _accumulate(base, update, self.lambda_)
+        elif isinstance(self.method, StreamingMethod):
             merged, per_model = self._merge_streaming(job, base)
+            stats = _collate(per_model)
         elif isinstance(self.method, JointMethod):
-            merged, per_model = self._merge_joint(job, base), []
-        else:  # pragma: no cover - the registry only holds these two kinds
+            merged, stats = self._merge_joint(job, base), {}
+        else:  # pragma: no cover - the registry only holds these three kinds
             raise TypeError(type(self.method))
         if not all_finite(merged):
             raise DataError(f"tensor {job.name!r}: the merged result has NaN or Inf (check λ and weights)")
@@ -103,7 +110,7 @@ class TensorMerger:
                 f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
             )
         report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
-        report.update(_collate(per_model))
+        report.update(stats)
         return out.cpu(), report
 
     def _merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -111,6 +118,8 @@ class TensorMerger:
         (lora_B (out, R), lora_A (R, in)) with R = Σ kept ranks: exact, never formed densely."""
         start = time.perf_counter()
         self.dtype = self.config_dtype
+        if isinstance(self.method, FoldMethod):
+            return self._fold_factors(job, start)
         lefts, rights, per_model = [], [], []
         for weight, src in zip(self.weights, job.models, strict=True):
             if src is None:
@@ -126,6 +135,20 @@ class TensorMerger:
         m, n = job.shape
         left = torch.cat(lefts, dim=1) if lefts else torch.zeros(m, 0, device=self.device)  # (m, R)
         right = torch.cat(rights, dim=0) if rights else torch.zeros(0, n, device=self.device)  # (R, n)
+        return self._adapter_factors(job, left, right, start, _collate(per_model))
+
+    def _fold_factors(self, job: TensorJob, start: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """A fold method's λ·Δ of one LoRA-adapted module, from the adapters' factors only."""
+        update, stats = self._fold(job, None)
+        if update is None or not isinstance(update, LowRank):
+            raise MergeError(f"tensor {job.name!r}: {self.method.name} did not keep the update low-rank")
+        return self._adapter_factors(job, update.left.mul(self.lambda_), update.right, start, stats)
+
+    def _adapter_factors(
+        self, job: TensorJob, left: torch.Tensor, right: torch.Tensor, start: float, stats: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """PEFT's (lora_B, lora_A) for the update left @ right, in the job's dtype, and the report entry."""
+        m, n = job.shape
         if left.shape[1] == 0:  # nothing kept: a rank-1 zero update keeps PEFT's layout valid
             left, right = torch.zeros(m, 1, device=self.device), torch.zeros(1, n, device=self.device)
         fan_in_fan_out = any(isinstance(s, LoraSource) and s.fan_in_fan_out for s in job.models)
@@ -133,7 +156,7 @@ class TensorMerger:
         lora_b, lora_a = (right.T, left.T) if fan_in_fan_out else (left, right)
         torch_dtype = DTYPES[job.out_dtype][0]
         report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
-        report.update(_collate(per_model))
+        report.update(stats)
         report["adapter_rank"] = lora_a.shape[0]
         return lora_b.to(torch_dtype).contiguous().cpu(), lora_a.to(torch_dtype).contiguous().cpu(), report
 
@@ -154,6 +177,24 @@ class TensorMerger:
             per_model.append(stats)
             del tau, update
         return base.add_(acc, alpha=self.lambda_), per_model
+
+    # -- fold: every τ_i folded into the method's state, one at a time, pass by pass --------------
+    def _fold(self, job: TensorJob, base: torch.Tensor | None) -> tuple[TaskVector | None, dict[str, Any]]:
+        """Δ = finish() of the method's fold over every model's τ (None when no model has the
+        tensor); `base` is None for an adapter job, whose sources are all LoRA factors."""
+        assert isinstance(self.method, FoldMethod)
+        fold = self.method.fold(job.shape, len(job.models))
+        present = [(i, w, src) for i, (w, src) in enumerate(zip(self.weights, job.models, strict=True))
+                   if src is not None]
+        if not present:
+            return None, {}
+        for step in range(fold.passes):
+            for i, weight, src in present:
+                tau = self._task_vector(src, base, job.name)  # type: ignore[arg-type]
+                assert tau is not None
+                fold.add(tau, weight, i, step)
+                del tau
+        return fold.finish()
 
     # -- joint: row blocks of every τ_i at once ------------------------------------------------
     def _merge_joint(self, job: TensorJob, base: torch.Tensor) -> torch.Tensor:
@@ -221,12 +262,11 @@ def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
     return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
-def _accumulate(acc: torch.Tensor, update: TaskVector, weight: float) -> None:
+def _accumulate(acc: torch.Tensor, update: TaskVector, weight: float) -> torch.Tensor:
     """acc += weight · update, without forming a LowRank update densely in a separate tensor."""
     if isinstance(update, LowRank):
-        acc.addmm_(update.left.to(acc.dtype), update.right.to(acc.dtype), alpha=weight)  # (m, r) @ (r, n)
-    else:
-        acc.add_(update.to(acc.dtype), alpha=weight)
+        return acc.addmm_(update.left.to(acc), update.right.to(acc), alpha=weight)  # (m, r) @ (r, n)
+    return acc.add_(update.to(acc), alpha=weight)
 
 
 def _collate(per_model: list[dict[str, Any] | None]) -> dict[str, list[Any]]:

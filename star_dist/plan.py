@@ -20,11 +20,12 @@ import torch
 from .checkpoint import Checkpoint, resolve_model_folder
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import ConfigError, InputError
+from .estimate import SPECTRAL_METHODS
 from .hub import HubFile, content_id, hub_files, is_hub_id
 from .inputs import FullInput, LoraAdapter, LoraSource, absolute_source, open_input
 from .lora import ADAPTER_FILE
 from .mergekit_params import TensorParams, count_layers, resolve_tensor_params
-from .methods import MergeMethod, get_method
+from .methods import FoldMethod, MergeMethod, get_method
 from .output import package_version
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
@@ -133,7 +134,14 @@ class MergePlan:
             "peak_memory_per_worker_bytes": self.peak_memory_per_worker,
             "fingerprint": self.fingerprint,
             "warnings": self.warnings,
+            **_memory_note(self.config.merge_method),
         }
+
+
+def _memory_note(method: str) -> dict[str, str]:
+    """What a fold method (TSV-M, Iso) holds per tensor, in words; nothing for the others."""
+    note = getattr(get_method(method), "memory_note", "")
+    return {"peak_memory_note": note} if note else {}
 
 
 def natural_key(name: str) -> list[Any]:
@@ -221,7 +229,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         fingerprint=fingerprint,
         identity=identity,
         n_svds=svd_ops,
-        peak_memory_per_worker=_peak_memory(tensor_jobs, method.streaming, len(inputs)),
+        peak_memory_per_worker=_peak_memory(tensor_jobs, method, len(inputs)),
         warnings=[*base.notes, *(n for inp in inputs if isinstance(inp, FullInput) for n in inp.checkpoint.notes)],
         local_files={f: os.stat(f).st_size for f in sorted(_files_of(tensor_jobs)) if f not in hub},
     )
@@ -273,7 +281,7 @@ def check_adapter_output(config: MergeConfig, method: MergeMethod, inputs: list[
     if not method.streaming:
         raise ConfigError(
             f"output_format adapter: {config.merge_method} cannot produce an adapter (its element-wise "
-            "trim and sign election are not low-rank); use star, task_arithmetic or average"
+            "trim and sign election are not low-rank); use star, task_arithmetic, average, tsv, iso_c or iso_cts"
         )
     layouts = set()
     for inp in inputs:
@@ -372,7 +380,7 @@ def _cost(tensors: list[TensorJob], method: str) -> tuple[float, int]:
         for src in t.models:
             if src is None:
                 continue
-            if method == "star" and len(t.shape) == 2:
+            if method in SPECTRAL_METHODS and len(t.shape) == 2:
                 m, n = t.shape
                 if isinstance(src, LoraSource):
                     cost += (m + n) * src.rank**2
@@ -384,20 +392,22 @@ def _cost(tensors: list[TensorJob], method: str) -> tuple[float, int]:
     return cost, svds
 
 
-def _peak_memory(jobs: list[TensorJob], streaming: bool, n_models: int) -> int:
+def _peak_memory(jobs: list[TensorJob], method: MergeMethod, n_models: int) -> int:
     """Bytes one worker holds at its peak: a few float32 copies of the largest tensor.
 
     Streaming methods hold the base, the accumulator, one task vector, its float32 copy
     and SVD workspace: about 7 copies at the peak (5.7-7 measured by scripts/bench/memory.py
     for N = 2..8). TIES holds the base, row blocks of all N task vectors sized to 2 copies
     together, and about 5 block-sized temporaries: 4 + 12/N copies (measured 9.5, 6.8, 6.0
-    for N = 2, 4, 8).
+    for N = 2, 4, 8). Fold methods (TSV-M, Iso) state their own (`FoldMethod.working_bytes`).
     """
     if not jobs:
         return 0
+    if isinstance(method, FoldMethod):
+        return max((method.working_bytes(j.shape, n_models) for j in jobs if j.merge), default=0)
     largest = max(j.base.numel for j in jobs if j.merge) if any(j.merge for j in jobs) else 0
     f32 = 4 * largest
-    if streaming:
+    if method.streaming:
         gram = max((8 * min(j.shape) ** 2 for j in jobs if len(j.shape) == 2), default=0)
         return 7 * f32 + gram
     return 4 * f32 + 12 * f32 // max(n_models, 1)

@@ -8,15 +8,21 @@ from typing import Any
 
 from star_dist.errors import ConfigError
 from star_dist.methods.base import MergeMethod
+from star_dist.methods.iso_c import IsoC
+from star_dist.methods.iso_cts import IsoCts
 from star_dist.methods.linear import Average, TaskArithmetic
 from star_dist.methods.star import Star
 from star_dist.methods.ties import Ties
+from star_dist.methods.tsv import Tsv
 
 METHODS: dict[str, type[MergeMethod]] = {
     "star": Star,
     "task_arithmetic": TaskArithmetic,
     "ties": Ties,
     "average": Average,
+    "tsv": Tsv,
+    "iso_c": IsoC,
+    "iso_cts": IsoCts,
 }
 
 # Keys the engine owns (the global scale and per-model weights); methods never see them.

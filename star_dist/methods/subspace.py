@@ -1,0 +1,113 @@
+"""SVD pieces shared by TSV-M, Iso-C and Iso-CTS: thin SVDs, the rounding floor, polar factors.
+
+Exact and in float64: every direction these methods keep counts with the same weight in
+the orthogonalization (TSV-M, Iso-CTS) or in the isotropic spectrum (Iso-C, Iso-CTS), so
+small singular values need accurate vectors, not just the top ones (STAR's case).
+
+Numerically zero directions. A matrix of rank ρ < k = min(m, n) (a LoRA update, a sum of a
+few of them, a residual) has k − ρ singular values at float rounding, and LAPACK returns
+*some* orthonormal basis of their null space: an arbitrary one. The authors' code keeps those
+vectors, so its merge of low-rank task vectors depends on rounding noise (and the polar
+factor mixes them into the real directions). Here a direction counts only when its σ is
+above the rounding floor σ_ref·max(m, n)·eps (numpy's `matrix_rank` rule, eps of the
+compute dtype); below it, it is dropped. Whenever no kept σ is that small (full fine-tunes)
+this is the authors' result; otherwise it is the only one that does not depend on rounding,
+and the one the factorized LoRA route computes without forming the m×n matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from star_dist.methods.base import LowRank, TaskVector
+from star_dist.methods.spectral import lowrank_svd
+
+
+def svd64(tau: TaskVector) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a 2-D task vector in float64: (U (m, k), σ (k,), Vᵀ (k, n)), σ descending.
+
+    Args:
+        tau: dense (m, n), or a `LowRank` (its exact SVD from two QRs and an r×r SVD,
+            never forming m×n; then k = min(m, n, r)).
+    Returns:
+        U, σ, Vᵀ in float64.
+    """
+    if isinstance(tau, LowRank):
+        return lowrank_svd(tau.left, tau.right)
+    return torch.linalg.svd(tau.to(torch.float64), full_matrices=False)
+
+
+def rounding_floor(reference: float, shape: tuple[int, int], dtype: torch.dtype) -> float:
+    """σ at or below this is rounding noise next to a matrix whose largest σ is `reference`.
+
+    Args:
+        reference: the largest singular value of the matrix the σ belong to (or of the sum).
+        shape: (m, n) of the matrix.
+        dtype: the dtype the task vectors were computed in (float32, or float64).
+    Returns:
+        reference·max(m, n)·eps(dtype).
+    """
+    return reference * max(shape) * float(torch.finfo(dtype).eps)
+
+
+def above(s: torch.Tensor, floor: float, limit: int | None = None) -> int:
+    """How many of the leading σ (descending) are above `floor`, at most `limit`."""
+    count = int((s > floor).sum())
+    return count if limit is None else min(count, limit)
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor of x (p, q): U Vᵀ of its thin SVD, the nearest matrix with
+    orthonormal columns (p ≥ q) or rows (p < q) in Frobenius norm. Float64, x's shape."""
+    u, _, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+    return u @ vh  # (p, q)
+
+
+class MatrixSum:
+    """Σ_i w_i τ_i of one m×n tensor, kept as stacked factors while every τ_i is low-rank.
+
+    A LoRA τ_i = B_i A_i adds w_i B_i as columns of `left` and A_i as rows of `right`, so the
+    sum is left @ right (m×R, R×n, R = Σ r_i) and its SVD needs no m×n matrix; the first
+    dense τ_i turns the sum dense (m×n, τ's dtype).
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.total: torch.Tensor | None = None  # (m, n) once any τ_i is dense
+        self.lefts: list[torch.Tensor] = []  # (m, r_i) w_i B_i
+        self.rights: list[torch.Tensor] = []  # (r_i, n) A_i
+        self.dtype = torch.float32
+
+    def add(self, tau: TaskVector, weight: float) -> None:
+        """Add w·τ."""
+        if isinstance(tau, LowRank):
+            self.dtype = tau.left.dtype
+            self.lefts.append(tau.left * weight)
+            self.rights.append(tau.right)
+            return
+        self.dtype = tau.dtype
+        if self.total is None:
+            self.total = torch.zeros_like(tau)
+        self.total.add_(tau, alpha=weight)
+
+    def value(self) -> TaskVector:
+        """The sum: a `LowRank` when every addend was low-rank, else a dense m×n tensor."""
+        low = None
+        if self.lefts:
+            low = LowRank(torch.cat(self.lefts, dim=1), torch.cat(self.rights, dim=0))  # (m, R), (R, n)
+        if self.total is None:
+            if low is None:  # nothing added: a zero of rank 0
+                m, n = self.shape
+                return LowRank(torch.zeros(m, 0, dtype=self.dtype), torch.zeros(0, n, dtype=self.dtype))
+            return low
+        if low is not None:
+            self.total.addmm_(low.left.to(self.total.dtype), low.right.to(self.total.dtype))
+        return self.total
+
+
+def frobenius(tau: TaskVector) -> float:
+    """‖τ‖_F, for a `LowRank` from two r×r Gram matrices: ‖L R‖_F² = Σ (LᵀL) ∘ (R Rᵀ)."""
+    if isinstance(tau, LowRank):
+        left, right = tau.left.to(torch.float64), tau.right.to(torch.float64)
+        return float(((left.T @ left) * (right @ right.T)).sum().clamp(min=0).sqrt())
+    return float(torch.linalg.vector_norm(tau.to(torch.float64)))

@@ -76,3 +76,103 @@ def ties(base: torch.Tensor, fts: list[torch.Tensor], density: float, lam: float
     count = agree.sum(0).clamp(min=1)
     merged = (stacked * agree).sum(0) / count
     return upcast(base) + lam * merged
+
+
+# -- the spectral family: TSV-M, Iso-C, Iso-CTS ----------------------------------------------
+# Written after the authors' code (AntoAndGar/task_singular_vectors, danielm1405/iso-merging):
+# full float64 SVDs, every task's triplets placed in zero-padded k-wide slots, polar factors of
+# the padded matrices. `floor=True` adds star_dist's one documented change: a direction whose σ
+# is at most σ_ref·max(m, n)·eps32 is zeroed in its slot (an exact zero column does not change
+# the polar factor of the others); `floor=False` is the authors' code as published.
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+def _polar(x: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def _task_vectors(base: torch.Tensor, fts: list[torch.Tensor], weights: list[float] | None) -> list[torch.Tensor]:
+    weights = weights or [1.0] * len(fts)
+    return [w * (upcast(ft) - upcast(base)).double() for w, ft in zip(weights, fts, strict=True)]
+
+
+def _mean_or(base: torch.Tensor, taus: list[torch.Tensor], lam: float) -> torch.Tensor | None:
+    """The authors' rule for what is not a matrix: base + λ·mean(τ); None for a matrix."""
+    if taus[0].dim() == 2 and taus[0].numel() > 0:
+        return None
+    return (upcast(base).double() + lam * torch.stack(taus).mean(0)).to(upcast(base).dtype)
+
+
+def tsv(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, weights: list[float] | None = None,
+        floor: bool = True) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., CVPR 2025): top ⌊k/N⌋ triplets per task, polar U and V, recombine."""
+    taus = _task_vectors(base, fts, weights)
+    mean = _mean_or(base, taus, lam)
+    if mean is not None:
+        return mean
+    (m, n), n_tasks = taus[0].shape, len(taus)
+    k = min(m, n)
+    r = k // n_tasks
+    sum_u, sum_s, sum_v = torch.zeros(m, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), \
+        torch.zeros(k, n, dtype=torch.float64)
+    for i, tau in enumerate(taus):
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        keep = (s[:r] > s[0] * max(m, n) * EPS32) if floor else torch.ones(r, dtype=torch.bool)
+        sum_u[:, i * r:(i + 1) * r] = u[:, :r] * keep
+        sum_s[i * r:(i + 1) * r] = s[:r] * keep
+        sum_v[i * r:(i + 1) * r] = vh[:r] * keep[:, None]
+    delta = _polar(sum_u) @ torch.diag(sum_s) @ _polar(sum_v)
+    return (upcast(base).double() + lam * delta).to(upcast(base).dtype)
+
+
+def iso_c(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, weights: list[float] | None = None,
+          floor: bool = True) -> torch.Tensor:
+    """Iso-C (Marczak et al., ICML 2025): SVD of the summed task vector, every σ set to their mean."""
+    taus = _task_vectors(base, fts, weights)
+    mean = _mean_or(base, taus, lam)
+    if mean is not None:
+        return mean
+    total = sum(taus)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    keep = (s > s[0] * max(total.shape) * EPS32) if floor else torch.ones_like(s, dtype=torch.bool)
+    s_mean = (s * keep).sum() / s.numel()
+    delta = u @ torch.diag(s_mean * keep) @ vh
+    return (upcast(base).double() + lam * delta).to(upcast(base).dtype)
+
+
+def iso_cts(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, fraction: float = 0.8,
+            weights: list[float] | None = None, floor: bool = True) -> torch.Tensor:
+    """Iso-CTS (Marczak et al., ICML 2025): common subspace of the sum + each task's residual
+    directions, U and V orthogonalized, every σ set to the mean of the k slots."""
+    taus = _task_vectors(base, fts, weights)
+    mean = _mean_or(base, taus, lam)
+    if mean is not None:
+        return mean
+    (m, n), n_tasks = taus[0].shape, len(taus)
+    k = min(m, n)
+    common = int(k * fraction)
+    common = k - round((k - common) / n_tasks) * n_tasks
+    per_task = (k - common) // n_tasks
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    scale = max(float(s[0]), *(float(torch.linalg.vector_norm(t)) for t in taus))
+    limit = scale * max(m, n) * EPS32 if floor else -1.0
+    keep_c = s[:common] > limit
+    u_c = u[:, :common] * keep_c
+    slots_u, slots_s, slots_v = torch.zeros(m, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), \
+        torch.zeros(k, n, dtype=torch.float64)
+    for i, tau in enumerate(taus):
+        residual = tau - u_c @ u_c.T @ tau
+        ut, st, vt = torch.linalg.svd(residual, full_matrices=False)
+        keep = st[:per_task] > limit
+        slots_u[:, i * per_task:(i + 1) * per_task] = ut[:, :per_task] * keep
+        slots_s[i * per_task:(i + 1) * per_task] = st[:per_task] * keep
+        slots_v[i * per_task:(i + 1) * per_task] = vt[:per_task] * keep[:, None]
+    start = n_tasks * per_task
+    slots_u[:, start:] = u_c
+    slots_s[start:] = s[:common] * keep_c
+    slots_v[start:] = vh[:common] * keep_c[:, None]
+    kept = torch.cat([slots_s[:start] > 0, keep_c])
+    delta = _polar(slots_u) @ torch.diag(slots_s.mean() * kept) @ _polar(slots_v)
+    return (upcast(base).double() + lam * delta).to(upcast(base).dtype)

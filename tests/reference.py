@@ -137,7 +137,7 @@ def iso_c(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, weights
     total = sum(taus)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     keep = (s > s[0] * max(total.shape) * EPS32) if floor else torch.ones_like(s, dtype=torch.bool)
-    s_mean = (s * keep).sum() / s.numel()
+    s_mean = (s * keep).sum() / keep.sum().clamp(min=1)  # the authors: over all k (keep all True)
     delta = u @ torch.diag(s_mean * keep) @ vh
     return (upcast(base).double() + lam * delta).to(upcast(base).dtype)
 
@@ -174,5 +174,5 @@ def iso_cts(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, fract
     slots_s[start:] = s[:common] * keep_c
     slots_v[start:] = vh[:common] * keep_c[:, None]
     kept = torch.cat([slots_s[:start] > 0, keep_c])
-    delta = _polar(slots_u) @ torch.diag(slots_s.mean() * kept) @ _polar(slots_v)
+    delta = _polar(slots_u) @ torch.diag(slots_s.sum() / kept.sum().clamp(min=1) * kept) @ _polar(slots_v)
     return (upcast(base).double() + lam * delta).to(upcast(base).dtype)

@@ -42,10 +42,11 @@ class Preset:
     ties_densities: tuple[float, ...] = mr.TIES_DENSITIES
     ties_lambdas: tuple[float, ...] = mr.TIES_LAMBDAS
     star_etas: tuple[int, ...] = mr.STAR_ETAS
+    alphas: tuple[float, ...] = mr.ALPHAS  # TSV-M / Iso-C / Iso-CTS α tuned over these
 
     def methods(self) -> list[mr.Method]:
         return mr.methods(self.ta_lambdas, self.ties_densities, self.ties_lambdas,
-                          self.star_etas)
+                          self.star_etas, self.alphas)
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Experiment:
         key = f"ft|{cfg.tag()}|{task}|{seed}"
         if out.exists() and self.scores.get(key + "|test") is not None:
             return out
-        model = build_trainable(self.base_dir, cfg)
+        model = build_trainable(self.base_dir, cfg, seed)
         start = time.perf_counter()
         sec_per_step = train(model, prep.ids["train"], prep.labels["train"], prep.head, cfg, seed)
         save(model, cfg, self.base_dir, out)

@@ -47,7 +47,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
 
     def tag(self) -> str:
-        return f"{self.regime}_s{self.steps}_b{self.batch_size}_lr{self.lr:g}_L{self.max_len}"
+        """The cache key of the checkpoints; LoRA's says its initialization is seeded (cached
+        adapters from before, drawn from an unseeded generator, are not reused)."""
+        tag = f"{self.regime}_s{self.steps}_b{self.batch_size}_lr{self.lr:g}_L{self.max_len}"
+        return tag + "_seededinit" if self.regime == "lora" else tag
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:
@@ -57,10 +60,13 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def build_trainable(base_dir: Path, cfg: FinetuneConfig) -> torch.nn.Module:
+def build_trainable(base_dir: Path, cfg: FinetuneConfig, seed: int) -> torch.nn.Module:
+    """The model to train: the base itself, or the base with fresh LoRA adapters whose random
+    A matrices are drawn from `seed`, so a LoRA fine-tune is a function of its seed."""
     model = BertModel.from_pretrained(str(base_dir))
     if cfg.regime == "full":
         return model
+    torch.manual_seed(seed)  # PEFT draws lora_A (Kaiming uniform) from torch's global generator
     lora = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=LORA_TARGETS, bias="none",

@@ -41,19 +41,32 @@ TA_LAMBDAS = (0.3, 0.5, 1.0)
 TIES_DENSITIES = (0.2, 0.5)
 TIES_LAMBDAS = (0.8, 1.2)
 STAR_ETAS = (20, 40, 60, 80)
+# TSV-M, Iso-C, Iso-CTS: the global scale α (star_dist's `lambda`), default 1; the authors tune
+# it on validation over 0.1, 0.2, …, 3.0, a grid this machine's budget cuts to these values.
+ALPHAS = (0.5, 1.0, 1.5, 2.0)
+# (label, star_dist method): each reported twice, at α = 1 (data-free) and with α tuned.
+SPECTRAL = (("TSV-M", "tsv"), ("Iso-C", "iso_c"), ("Iso-CTS", "iso_cts"))
 
 
 def methods(ta_lambdas: tuple[float, ...] = TA_LAMBDAS,
             ties_densities: tuple[float, ...] = TIES_DENSITIES,
             ties_lambdas: tuple[float, ...] = TIES_LAMBDAS,
-            star_etas: tuple[int, ...] = STAR_ETAS) -> list[Method]:
+            star_etas: tuple[int, ...] = STAR_ETAS,
+            alphas: tuple[float, ...] = ALPHAS) -> list[Method]:
     """Every merged method in the table, in report order."""
     return [
         Method("average", "average"),
         Method("task arithmetic", "task_arithmetic", grid=_grid(**{"lambda": ta_lambdas})),
         Method("TIES", "ties", grid=_grid(density=ties_densities, **{"lambda": ties_lambdas})),
         *[Method(f"STAR η={eta}", "star", {"eta": eta}) for eta in star_etas],
+        *[Method(f"{label} α=1", name, {"lambda": 1.0}) for label, name in SPECTRAL],
+        *[Method(f"{label} (α tuned)", name, grid=_grid(**{"lambda": alphas})) for label, name in SPECTRAL],
     ]
+
+
+def spectral_labels() -> tuple[str, ...]:
+    """The report labels of TSV-M, Iso-C and Iso-CTS, untuned and tuned."""
+    return tuple(f"{label} {suffix}" for suffix in ("α=1", "(α tuned)") for label, _ in SPECTRAL)
 
 
 def merge_config(method: Method, params: dict[str, float], base_dir: Path,

@@ -20,6 +20,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 REGIMES = {"full": "full fine-tuning", "lora": "LoRA (rank 16)"}
 BASELINES = ("average", "task arithmetic", "TIES")
+TUNED_BASELINES = ("task arithmetic", "TIES")
+
+
+def data_free(method: str) -> bool:
+    """Whether a method's merge used no validation data: average, STAR, the spectral ones at α=1."""
+    return method == "average" or method.startswith("STAR") or method.endswith("α=1")
+
+
+def tuned(method: str) -> bool:
+    """Whether a method's coefficients were chosen on the validation split."""
+    return method in TUNED_BASELINES or method.endswith("(α tuned)")
 PLOT_NAME = "quality_sweep.png"
 
 
@@ -139,6 +150,50 @@ def findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _best(norm: dict, regime: str, k: int, methods: list[str]) -> tuple[str, float, float] | None:
+    """The method with the highest mean in one (regime, k) cell: (name, mean %, std %)."""
+    have = [m for m in methods if norm.get((regime, k, m))]
+    if not have:
+        return None
+    best = max(have, key=lambda m: _stat(norm, regime, k, m)[0])
+    return (best, *_stat(norm, regime, k, best))
+
+
+def family(results: dict[str, Any]) -> list[str]:
+    """Data-free against tuned, per regime: the best data-free method at every number of merged
+    models, whether it matches the best tuned one with all tasks merged, and what that means.
+
+    Data-free: average, STAR, TSV-M / Iso-C / Iso-CTS at α=1. Tuned on validation: task
+    arithmetic, TIES, TSV-M / Iso-C / Iso-CTS with α chosen on the validation split. A
+    difference counts only beyond the larger seed std of the two numbers compared.
+    """
+    rows, norm, n_all, sweep_k = _summary_axes(results)
+    methods = method_order(rows)
+    free, tuned_ = [m for m in methods if data_free(m)], [m for m in methods if tuned(m)]
+    out = []
+    for regime, title in REGIMES.items():
+        per_k = [(k, _best(norm, regime, k, free)) for k in sweep_k]
+        listed = "; ".join(f"{k} models: {b[0]} ({b[1]:.1f} ± {b[2]:.1f}%)" for k, b in per_k if b)
+        if listed:
+            out.append(f"**{title}: the best data-free method** — {listed}.")
+        best_free, best_tuned = _best(norm, regime, n_all, free), _best(norm, regime, n_all, tuned_)
+        if not best_free or not best_tuned:
+            continue
+        gap, noise = best_free[1] - best_tuned[1], max(best_free[2], best_tuned[2])
+        matches = gap >= -noise
+        out.append(
+            f"**{title}: does a data-free method match the tuned ones with all {n_all} tasks merged?** "
+            f"{'Yes' if matches else 'No'}: {best_free[0]} ({best_free[1]:.1f}%) against {best_tuned[0]} "
+            f"({best_tuned[1]:.1f}%), {gap:+.1f} points, seed std up to {noise:.1f}."
+        )
+        advice = (f"without validation data, {best_free[0]} loses nothing measurable here against tuning"
+                  if matches else
+                  f"without validation data, {best_free[0]} is the choice here, {-gap:.1f} points below "
+                  f"{best_tuned[0]} tuned on validation; with a validation set, tune {best_tuned[0]}")
+        out.append(f"**{title}: for a user choosing a method**: {advice}.")
+    return out
+
+
 def _stat(norm: dict, regime: str, k: int, method: str) -> tuple[float, float]:
     """Mean and std over seeds, in percent, of one (regime, k, method) cell."""
     m, sd = mean_std(norm.get((regime, k, method), []))
@@ -244,7 +299,7 @@ def tuned_params(results: dict[str, Any]) -> list[str]:
     n_all = max(r["k"] for r in results["rows"])
     picks: dict[tuple[str, str], list[str]] = defaultdict(list)
     for row in results["rows"]:
-        if row["k"] == n_all and row["method"] in ("task arithmetic", "TIES"):
+        if row["k"] == n_all and tuned(row["method"]):
             picks[(row["regime"], row["method"])].append(
                 ", ".join(f"{k}={v:g}" for k, v in sorted(row["params"].items())))
     return [f"- {REGIMES[r]}, {m}: " + "; ".join(f"seed {i}: {p}" for i, p in enumerate(v))
@@ -276,7 +331,7 @@ def write(results: dict[str, Any], out_dir: Path, command: str) -> Path:
     n_all = len(p["tasks"])
     full, lora = p["full"], p["lora"]
     md = [
-        "# Merge quality: STAR against the baselines on real tasks",
+        "# Merge quality: STAR, TSV-M, Iso-C, Iso-CTS and the baselines on real tasks",
         "",
         f"Regenerate everything (data, fine-tunes, merges, this page, the plot): `{command}`",
         "(see `scripts/eval/README.md`). Every merged model here was made by `star_dist.merge`.",
@@ -298,8 +353,11 @@ def write(results: dict[str, Any], out_dir: Path, command: str) -> Path:
         "- **Tuning**: task arithmetic's λ and TIES' density and λ are chosen on the validation "
         "split only (grid: TA λ ∈ {" + ", ".join(f"{x:g}" for x in p["ta_lambdas"])
         + "}; TIES density ∈ {" + ", ".join(f"{x:g}" for x in p["ties_densities"])
-        + "} × λ ∈ {" + ", ".join(f"{x:g}" for x in p["ties_lambdas"]) + "}). STAR and "
-        "average tune nothing (1/N mean, as in the paper).",
+        + "} × λ ∈ {" + ", ".join(f"{x:g}" for x in p["ties_lambdas"]) + "}; TSV-M, Iso-C, "
+        "Iso-CTS (α tuned): α ∈ {" + ", ".join(f"{x:g}" for x in p.get("alphas", ())) + "}). STAR and "
+        "average tune nothing (1/N mean, as in the paper); TSV-M, Iso-C and Iso-CTS are also "
+        "reported at their default α = 1, untuned. *Data-free* below means no validation data: "
+        "average, STAR and the α = 1 rows.",
         "",
         "## Tasks",
         "",
@@ -326,6 +384,10 @@ def write(results: dict[str, Any], out_dir: Path, command: str) -> Path:
         "",
         "A difference counts only when it exceeds the seed standard deviation of the numbers "
         "compared; this is one small encoder on short-text tasks, not the paper's models.",
+        "",
+        "## Data-free or tuned: the spectral family",
+        "",
+        *[f"- {line}" for line in family(results)],
         "",
         "## What holds here, in detail",
         "",

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import merge_runs as mr  # noqa: E402
 import report  # noqa: E402
 from experiment import Experiment, Preset, combine, log  # noqa: E402
 from finetune import FinetuneConfig  # noqa: E402
@@ -37,7 +38,7 @@ FULL = Preset(
     sizes=Sizes(test=1000, val=100, train=4000, class_cap=1500),
     seeds=(0, 1, 2),
     sweep=(2, 4, len(ALL_TASKS)),
-    sweep_methods=("average", "task arithmetic", "TIES", "STAR η=40"),
+    sweep_methods=("average", "task arithmetic", "TIES", "STAR η=40", *mr.spectral_labels()),
     full=FinetuneConfig("full", steps=60, batch_size=16, lr=1e-4, max_len=24),
     lora=FinetuneConfig("lora", steps=60, batch_size=16, lr=1e-3, max_len=24),
     max_len=24,
@@ -57,6 +58,7 @@ SMOKE = Preset(
     ties_densities=(0.5,),
     ties_lambdas=(1.0,),
     star_etas=(40,),
+    alphas=(0.5, 1.0),
 )
 
 

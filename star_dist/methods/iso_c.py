@@ -1,17 +1,18 @@
 """Iso-C: isotropic merging in the common subspace (Marczak et al., ICML 2025).
 
-For an m×n matrix (k = min(m, n)): the SVD of the summed task vector Σ_i w_i τ_i = U Σ Vᵀ,
-every singular value replaced by their mean σ̄ = ‖Σ_i w_i τ_i‖_* / k, so the update spreads
-evenly over all the directions the tasks use: Δ = σ̄ U Vᵀ. Other tensors: the mean
+For an m×n matrix: the SVD of the summed task vector Σ_i w_i τ_i = U Σ Vᵀ, every singular
+value replaced by their mean σ̄ = ‖Σ_i w_i τ_i‖_* / ρ (ρ: its rank, k = min(m, n) for full
+fine-tunes), so the update spreads evenly over all the directions the tasks use: Δ = σ̄ U Vᵀ. Other tensors: the mean
 (1/N) Σ_i w_i τ_i, as the authors' code. W = W_base + λ·Δ, λ (the paper's α) 1 by default;
 the authors tune it on validation data. Weights w_i default to 1 (the authors' plain sum).
 
 Streaming in N: only the sum is kept (m×n, or stacked LoRA factors while every input is
 low-rank, so a merge of adapters never forms the m×n matrix). Follows `iso_c` in
 github.com/danielm1405/iso-merging (Apache-2.0), except that directions whose σ is at the
-rounding floor are dropped and σ̄ sums only the kept σ (see `subspace`: a sum of LoRA
-updates has rank ≤ Σ r_i, and the authors' code would spread σ̄ over arbitrary null-space
-vectors). Every 2-D tensor is a matrix (the authors skip CLIP's `text_projection`).
+rounding floor are dropped and σ̄ is the mean of the others (see `subspace`): a sum of LoRA
+updates has rank ρ ≤ Σ r_i, and the authors' code would give σ̄ (a mean diluted by the k − ρ
+zeros) to k − ρ arbitrary null-space vectors as well. For a full-rank sum nothing changes.
+Every 2-D tensor is a matrix (the authors skip CLIP's `text_projection`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class IsoCFold(Fold):
     def finish(self) -> tuple[TaskVector, dict[str, Any]]:
         u, s, vh = svd64(self.sum.value())  # (m, k'), (k',), (k', n)
         rho = above(s, rounding_floor(float(s[0]), self.shape, self.sum.dtype)) if s.numel() else 0
-        sigma = float(s[:rho].sum()) / min(self.shape)  # σ̄ = ‖Σ w τ‖_* / k
+        sigma = float(s[:rho].sum()) / max(rho, 1)  # σ̄ = ‖Σ w τ‖_* / ρ
         return isotropic(u[:, :rho], vh[:rho], sigma, self.sum.dtype), {"rank": rho, "sigma_mean": sigma}
 
 

@@ -8,14 +8,16 @@ For an m×n matrix (k = min(m, n)) and N models:
 2. task-specific subspaces: for each task, the top d singular triplets of its residual
    w_i τ_i − U_c U_cᵀ w_i τ_i (what the common subspace misses);
 3. concatenate the task-specific and the common U (and V), replace each by its orthogonal
-   polar factor, and give every direction the mean σ̄ of the k concatenated singular values:
+   polar factor, and give every direction the mean σ̄ of the concatenated singular values:
    Δ = σ̄ U⊥ V⊥ᵀ.
 
 Other tensors: the mean (1/N) Σ_i w_i τ_i. W = W_base + λ·Δ, λ (the paper's α) 1 by default.
 Two passes over the models: the sum first, then each residual (inputs are read twice).
 f = 1 is Iso-C. Follows `iso_cts` in github.com/danielm1405/iso-merging (Apache-2.0),
-except that directions at the rounding floor are dropped (see `subspace`) and that d is
-capped at ⌊k/N⌋ (the authors' rounding can ask for more than k directions when f < 1/2).
+except that directions at the rounding floor are dropped and σ̄ is the mean of the kept σ
+(see `subspace`; the same for full-rank task vectors), and that d is capped at ⌊k/N⌋ (the
+authors' rounding can ask for more than k directions when f < 1/2). For LoRA inputs whose
+summed rank Σ r_i fits in the c common directions, the residuals are zero and Iso-CTS is Iso-C.
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ class IsoCtsFold(Fold):
             self._common_subspace()
         assert self.common is not None
         parts = [t for t in self.tasks if t is not None] + [self.common]  # the authors' order
-        sigma = float(sum(float(p[1].sum()) for p in parts)) / min(self.shape)  # σ̄ over the k slots
-        u_cat = torch.cat([p[0] for p in parts], dim=1)  # (m, D)
+        u_cat = torch.cat([p[0] for p in parts], dim=1)  # (m, D) D ≤ k kept directions
+        sigma = float(sum(float(p[1].sum()) for p in parts)) / max(u_cat.shape[1], 1)  # σ̄ over them
         vh_cat = torch.cat([p[2] for p in parts], dim=0)  # (D, n)
         stats = {"common_rank": self.common[0].shape[1], "task_ranks": [None if t is None else t[0].shape[1]
                                                                         for t in self.tasks]}

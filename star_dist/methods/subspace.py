@@ -8,7 +8,7 @@ Numerically zero directions. A matrix of rank ρ < k = min(m, n) (a LoRA update,
 few of them, a residual) has k − ρ singular values at float rounding, and LAPACK returns
 *some* orthonormal basis of their null space: an arbitrary one. The authors' code keeps those
 vectors, so its merge of low-rank task vectors depends on rounding noise (and the polar
-factor mixes them into the real directions). Here a direction counts only when its σ is
+factor mixes them into the real directions; Iso-C gives them the mean σ). Here a direction counts only when its σ is
 above the rounding floor σ_ref·max(m, n)·eps (numpy's `matrix_rank` rule, eps of the
 compute dtype); below it, it is dropped. Whenever no kept σ is that small (full fine-tunes)
 this is the authors' result; otherwise it is the only one that does not depend on rounding,

@@ -81,9 +81,10 @@ def ties(base: torch.Tensor, fts: list[torch.Tensor], density: float, lam: float
 # -- the spectral family: TSV-M, Iso-C, Iso-CTS ----------------------------------------------
 # Written after the authors' code (AntoAndGar/task_singular_vectors, danielm1405/iso-merging):
 # full float64 SVDs, every task's triplets placed in zero-padded k-wide slots, polar factors of
-# the padded matrices. `floor=True` adds star_dist's one documented change: a direction whose σ
-# is at most σ_ref·max(m, n)·eps32 is zeroed in its slot (an exact zero column does not change
-# the polar factor of the others); `floor=False` is the authors' code as published.
+# the padded matrices. `floor=True` adds star_dist's documented change: a direction whose σ is
+# at most 4·eps32·‖τ‖_F (τ: the matrix it comes from; for Iso-CTS the largest of the sum and the
+# tasks) is zeroed in its slot (an exact zero column does not change the polar factor of the
+# others) and the isotropic σ is the mean of the rest; `floor=False` is the authors' code.
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 
@@ -119,7 +120,7 @@ def tsv(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, weights: 
         torch.zeros(k, n, dtype=torch.float64)
     for i, tau in enumerate(taus):
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        keep = (s[:r] > s[0] * max(m, n) * EPS32) if floor else torch.ones(r, dtype=torch.bool)
+        keep = (s[:r] > 4 * EPS32 * torch.linalg.norm(tau)) if floor else torch.ones(r, dtype=torch.bool)
         sum_u[:, i * r:(i + 1) * r] = u[:, :r] * keep
         sum_s[i * r:(i + 1) * r] = s[:r] * keep
         sum_v[i * r:(i + 1) * r] = vh[:r] * keep[:, None]
@@ -136,7 +137,7 @@ def iso_c(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, weights
         return mean
     total = sum(taus)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    keep = (s > s[0] * max(total.shape) * EPS32) if floor else torch.ones_like(s, dtype=torch.bool)
+    keep = (s > 4 * EPS32 * torch.linalg.norm(total)) if floor else torch.ones_like(s, dtype=torch.bool)
     s_mean = (s * keep).sum() / keep.sum().clamp(min=1)  # the authors: over all k (keep all True)
     delta = u @ torch.diag(s_mean * keep) @ vh
     return (upcast(base).double() + lam * delta).to(upcast(base).dtype)
@@ -156,8 +157,8 @@ def iso_cts(base: torch.Tensor, fts: list[torch.Tensor], lam: float = 1.0, fract
     common = k - round((k - common) / n_tasks) * n_tasks
     per_task = (k - common) // n_tasks
     u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
-    scale = max(float(s[0]), *(float(torch.linalg.vector_norm(t)) for t in taus))
-    limit = scale * max(m, n) * EPS32 if floor else -1.0
+    scale = max(float(torch.linalg.norm(sum(taus))), *(float(torch.linalg.norm(t)) for t in taus))
+    limit = 4 * EPS32 * scale if floor else -1.0
     keep_c = s[:common] > limit
     u_c = u[:, :common] * keep_c
     slots_u, slots_s, slots_v = torch.zeros(m, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), \

@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import star_dist
 from star_dist.errors import ConfigError
-from star_dist.methods import METHODS, JointMethod, LowRank, StreamingMethod, dense, get_method
+from star_dist.methods import METHODS, FoldMethod, JointMethod, LowRank, StreamingMethod, dense, get_method
 from star_dist.tiny_models import DTYPES, TinyShape, llama_config, save_model
 
+from . import reference
 from .conftest import run_cli
 from .methods.test_linear_ties import ties_reference
 from .reference import average, load_folder, star, task_arithmetic, ties
@@ -62,6 +63,8 @@ def _expected(method: str, base: torch.Tensor, fts: list[torch.Tensor]) -> torch
         return ties(base, fts, density=0.2)
     if method == "average":
         return average(fts)
+    if method in ("tsv", "iso_c", "iso_cts"):
+        return getattr(reference, method)(base, fts)
     assert method == "linear"  # mergekit's linear averages in a base_model not under models:
     return average([*fts, base])
 
@@ -146,6 +149,16 @@ def test_method_math_on_empty_task_vectors(method: str, shape: tuple[int, ...]) 
             if len(shape) == 2:  # a LoRA task vector s·B @ A of an empty module, rank 2
                 low = LowRank(torch.zeros(shape[0], 2, dtype=dtype), torch.zeros(2, shape[1], dtype=dtype))
                 update, _ = m.transform(low)
+                assert dense(update).shape == shape and dense(update).dtype == dtype
+        elif isinstance(m, FoldMethod):  # every pass, every model, dense then low-rank
+            lows = [tau] if len(shape) != 2 else [tau, LowRank(torch.zeros(shape[0], 2, dtype=dtype),
+                                                                torch.zeros(2, shape[1], dtype=dtype))]
+            for value in lows:
+                fold = m.fold(shape, 2)
+                for step in range(fold.passes):
+                    for i in range(2):
+                        fold.add(value, 1.0, i, step)
+                update, _ = fold.finish()
                 assert dense(update).shape == shape and dense(update).dtype == dtype
         else:
             assert isinstance(m, JointMethod)

@@ -43,10 +43,12 @@ class Preset:
     ties_lambdas: tuple[float, ...] = mr.TIES_LAMBDAS
     star_etas: tuple[int, ...] = mr.STAR_ETAS
     alphas: tuple[float, ...] = mr.ALPHAS  # TSV-M / Iso-C / Iso-CTS α tuned over these
+    spectral: tuple[str, ...] = mr.spectral_labels()  # which TSV-M / Iso rows this preset merges
 
     def methods(self) -> list[mr.Method]:
-        return mr.methods(self.ta_lambdas, self.ties_densities, self.ties_lambdas,
-                          self.star_etas, self.alphas)
+        every = mr.methods(self.ta_lambdas, self.ties_densities, self.ties_lambdas,
+                           self.star_etas, self.alphas)
+        return [m for m in every if m.label not in mr.spectral_labels() or m.label in self.spectral]
 
 
 @dataclass

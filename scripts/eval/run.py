@@ -59,6 +59,8 @@ SMOKE = Preset(
     ties_lambdas=(1.0,),
     star_etas=(40,),
     alphas=(0.5, 1.0),
+    # each spectral method once, and one α tuning: their SVDs of the 30522×384 embedding dominate
+    spectral=("TSV-M α=1", "Iso-C (α tuned)", "Iso-CTS α=1"),
 )
 
 

@@ -49,7 +49,7 @@ class IsoCFold(Fold):
 
     def finish(self) -> tuple[TaskVector, dict[str, Any]]:
         u, s, vh = svd64(self.sum.value())  # (m, k'), (k',), (k', n)
-        rho = above(s, rounding_floor(float(s[0]), self.shape, self.sum.dtype)) if s.numel() else 0
+        rho = above(s, rounding_floor(s, self.sum.dtype))
         sigma = float(s[:rho].sum()) / max(rho, 1)  # σ̄ = ‖Σ w τ‖_* / ρ
         return isotropic(u[:, :rho], vh[:rho], sigma, self.sum.dtype), {"rank": rho, "sigma_mean": sigma}
 

@@ -74,7 +74,7 @@ class IsoCtsFold(Fold):
         self.shape = shape
         self.common_slots, self.task_slots = subspace_split(min(shape), n_models, fraction)
         self.sum = MatrixSum(shape)
-        self.largest = 0.0  # max_i ‖w_i τ_i‖_F: with σ_1 of the sum, the scale of the rounding floor
+        self.largest = 0.0  # max_i ‖w_i τ_i‖_F: with ‖Σ w_i τ_i‖_F, the scale of the rounding floor
         self.common: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # U_c, σ_c, V_cᵀ
         self.floor = 0.0
         self.tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * n_models
@@ -95,8 +95,10 @@ class IsoCtsFold(Fold):
 
     def _common_subspace(self) -> None:
         u, s, vh = svd64(self.sum.value())  # (m, k'), (k',), (k', n)
-        reference = max(float(s[0]) if s.numel() else 0.0, self.largest)
-        self.floor = rounding_floor(reference, self.shape, self.sum.dtype)
+        # One floor for the sum and every residual: rounding next to the largest of them (a residual
+        # of a task the common subspace already holds is rounding of that task, not of the sum).
+        self.floor = max(rounding_floor(s, self.sum.dtype), rounding_floor(torch.tensor([self.largest]),
+                                                                           self.sum.dtype))
         c = above(s, self.floor, self.common_slots)
         self.common = (u[:, :c], s[:c], vh[:c])
 

@@ -49,7 +49,7 @@ class TsvFold(Fold):
         self.dtype = tau.left.dtype if isinstance(tau, LowRank) else tau.dtype
         u, s, vh = svd64(tau)  # (m, k'), (k',), (k', n)
         s = s * abs(weight)  # the SVD of w·τ: |w|σ, with the sign of w on U
-        floor = rounding_floor(float(s[0]) if s.numel() else 0.0, self.shape, self.dtype)
+        floor = rounding_floor(s, self.dtype)
         r = above(s, floor, self.per_task)
         sign = -1.0 if weight < 0 else 1.0
         self.us.append(u[:, :r] * sign)

@@ -127,6 +127,14 @@ def test_lora_factors_equal_the_dense_route(name: str) -> None:
     _close(update.dense(), ref(torch.zeros(48, 40), dense_taus), rel=1e-5)
     assert {k: v for k, v in stats.items() if k != "sigma_mean"} == {
         k: v for k, v in dense_stats.items() if k != "sigma_mean"}
+    # σ̄ is the mean of the 13 real singular values, not diluted by the 27 zeros of min(m, n) = 40
+    s_out = torch.linalg.svdvals(update.dense().double())
+    torch.testing.assert_close(s_out[:13], torch.full((13,), stats["sigma_mean"], dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    assert float(s_out[13]) < 1e-6 * stats["sigma_mean"]
+    if name == "iso_c":
+        s_sum = torch.linalg.svdvals(sum(dense_taus).double())[:13]
+        assert stats["sigma_mean"] == pytest.approx(float(s_sum.mean()), rel=1e-6)
 
 
 # -- the engine --------------------------------------------------------------------------------

@@ -8,11 +8,14 @@ from star_dist.errors import ConfigError
 from star_dist.methods import (
     METHODS,
     Average,
+    IsoC,
+    IsoCts,
     JointMethod,
     Star,
     StreamingMethod,
     TaskArithmetic,
     Ties,
+    Tsv,
     get_method,
     method_param_names,
 )
@@ -24,6 +27,9 @@ def test_table() -> None:
         "task_arithmetic": TaskArithmetic,
         "ties": Ties,
         "average": Average,
+        "tsv": Tsv,
+        "iso_c": IsoC,
+        "iso_cts": IsoCts,
     } == METHODS
     for name, cls in METHODS.items():
         assert cls.name == name
@@ -51,7 +57,8 @@ def test_get_method_builds_params_and_ignores_engine_keys() -> None:
 def test_unknown_method_lists_valid_names() -> None:
     with pytest.raises(ConfigError) as err:
         get_method("dare", {})
-    assert str(err.value) == ("unknown merge method 'dare'; valid methods: average, star, task_arithmetic, ties")
+    assert str(err.value) == ("unknown merge method 'dare'; valid methods: average, iso_c, iso_cts, star, "
+                              "task_arithmetic, ties, tsv")
     with pytest.raises(ConfigError, match="valid methods"):
         method_param_names("slerp")
 

@@ -169,7 +169,9 @@ class Experiment:
         tag = f"{self.ft_config(regime).tag()}|s{seed}|k{k}|{method.label}"
         cand_dir = self.run_dir / f"merged_{regime}_candidate"
         best_dir = self.run_dir / f"merged_{regime}_best"
+        unit_dir = self.run_dir / f"merged_{regime}_unit"  # λ = 1, for rescale_lambda methods
         mr.discard(best_dir)
+        mr.discard(unit_dir)
         best: tuple[float, dict[str, float]] | None = None
         candidates = method.candidates()
         for params in candidates:
@@ -179,16 +181,19 @@ class Experiment:
             key = f"merge|{tag}|{json.dumps(params, sort_keys=True)}|val"
             merged = None
             if self.scores.get(key) is None:
-                merged = self.timed_merge(key, method, params, inputs, cand_dir)
+                merged = self.candidate(key, method, params, inputs, cand_dir, unit_dir)
                 self.score_folder(key, merged, names, "val")
             val = self.normalized(self.scores.get(key), regime, seed, "val")
             if best is None or val > best[0]:
                 best = (val, params)
                 mr.discard(best_dir)
-                if merged is not None:  # keep the best merge: test needs it, no second merge
+                if merged is not None and not method.rescale_lambda:  # test needs it: no second merge
                     merged.rename(best_dir)
             mr.discard(cand_dir)
         assert best is not None
+        if method.rescale_lambda and best[1].get("lambda") == 1.0 and unit_dir.exists():
+            unit_dir.rename(best_dir)  # the star_dist merge at the chosen λ = 1 itself
+        mr.discard(unit_dir)
         key = f"merge|{tag}|{json.dumps(best[1], sort_keys=True)}|test"
         if self.scores.get(key) is None:
             if not best_dir.exists():
@@ -201,6 +206,16 @@ class Experiment:
             "params": best[1], "val_normalized": best[0], "test_acc": accs,
             "normalized": self.normalized(accs, regime, seed, "test"),
         }
+
+    def candidate(self, key: str, method: mr.Method, params: dict[str, float], inputs: list[Path],
+                  cand_dir: Path, unit_dir: Path) -> Path:
+        """A validation candidate: a star_dist merge, or for a `rescale_lambda` method its one
+        star_dist merge at λ = 1 (made once per subset) rescaled to this λ."""
+        if not method.rescale_lambda:
+            return self.timed_merge(key, method, params, inputs, cand_dir)
+        if not unit_dir.exists():
+            self.timed_merge(key, method, {**params, "lambda": 1.0}, inputs, unit_dir)
+        return mr.rescale(self.base_dir, unit_dir, params["lambda"], cand_dir)
 
     def timed_merge(self, key: str, method: mr.Method, params: dict[str, float],
                     inputs: list[Path], out: Path) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import star_dist
+import torch
+from safetensors.torch import load_file, save_file
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,10 @@ class Method:
     merge_method: str
     params: dict[str, float] = field(default_factory=dict)
     grid: tuple[dict[str, float], ...] = ()
+    # Validation candidates derived from one star_dist merge at λ = 1 (see `rescale`), for
+    # methods whose grid is λ alone and whose merge costs full SVDs; test scores always come
+    # from a star_dist merge at the chosen λ.
+    rescale_lambda: bool = False
 
     def candidates(self) -> list[dict[str, float]]:
         """Parameter sets to try (one when nothing is tuned)."""
@@ -60,7 +66,8 @@ def methods(ta_lambdas: tuple[float, ...] = TA_LAMBDAS,
         Method("TIES", "ties", grid=_grid(density=ties_densities, **{"lambda": ties_lambdas})),
         *[Method(f"STAR η={eta}", "star", {"eta": eta}) for eta in star_etas],
         *[Method(f"{label} α=1", name, {"lambda": 1.0}) for label, name in SPECTRAL],
-        *[Method(f"{label} (α tuned)", name, grid=_grid(**{"lambda": alphas})) for label, name in SPECTRAL],
+        *[Method(f"{label} (α tuned)", name, grid=_grid(**{"lambda": alphas}), rescale_lambda=True)
+          for label, name in SPECTRAL],
     ]
 
 
@@ -92,3 +99,20 @@ def run_merge(method: Method, params: dict[str, float], base_dir: Path, inputs: 
 def discard(folder: Path) -> None:
     """Merged folders are scored once then deleted: ~90 MB each, hundreds per run."""
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def rescale(base_dir: Path, unit_dir: Path, lam: float, out_dir: Path) -> Path:
+    """W_base + λ·(W(1) − W_base): star_dist's merge at `lambda: λ` from its merge at 1.
+
+    Every method here is W = W_base + λ·Δ with Δ independent of λ, so one merge (its SVDs)
+    serves every λ of a validation grid; the two differ by float32 rounding only (star_dist
+    adds λ·Δ to the base once, here Δ is recovered as W(1) − W_base first).
+    """
+    base = load_file(str(base_dir / "model.safetensors"))
+    unit = load_file(str(unit_dir / "model.safetensors"))
+    out = {name: (b + lam * (unit[name].to(torch.float32) - b.to(torch.float32))).to(b.dtype)
+           if b.is_floating_point() else unit[name] for name, b in base.items()}
+    discard(out_dir)
+    shutil.copytree(unit_dir, out_dir)
+    save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir

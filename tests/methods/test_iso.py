@@ -15,7 +15,7 @@ from star_dist.methods import IsoC, IsoCts, IsoCtsParams, get_method
 from star_dist.methods.iso_cts import subspace_split
 
 from .. import reference
-from ..conftest import folder_bytes
+from ..conftest import folder_bytes, run_cli
 from ..reference import load_folder
 from .family import decaying, lora_folders, low_rank, run_fold
 
@@ -182,3 +182,12 @@ def test_the_family_on_ray_gives_the_in_process_bytes(ray_cluster, tmp_path: Pat
                         max_shard_size="100kB")
         expected = folder_bytes(tmp_path / f"local_{name}")
         assert len(expected) > 1 and folder_bytes(tmp_path / f"ray_{name}") == expected, name
+
+
+def test_the_cli_plans_the_family(tiny_fp32: Path) -> None:
+    """`--method` switches a STAR config to Iso-CTS (η dropped); plan states what a worker holds."""
+    plan = run_cli("plan", str(tiny_fp32 / "merge.yaml"), "--method", "iso_cts", "--lambda", "0.8")
+    assert plan.returncode == 0, plan.stderr
+    assert "method      iso_cts" in plan.stdout
+    assert "iso_cts holds the running sum of one matrix" in plan.stdout
+    assert "reads every input matrix twice" in plan.stdout

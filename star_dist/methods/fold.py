@@ -96,8 +96,9 @@ class FoldMethod(MergeMethod):
     def working_bytes(self, shape: tuple[int, ...], n_models: int) -> int:
         """Peak bytes one worker holds while merging a tensor of this shape (for `plan`).
 
-        Default: the base, one task vector, the accumulator and the float64 SVD of one m×n
-        matrix (U, σ, Vᵀ and LAPACK's k×k workspace), as the thin SVD of a dense τ needs.
+        Default: the base, one task vector, the accumulator and its output (float32), and the
+        float64 thin SVD of one m×n matrix: its input copy, U, Vᵀ, and LAPACK's workspace (about
+        another m×n plus 2·k²), as scripts/bench/memory_family.py measured for Iso-C.
         """
         numel = 1
         for d in shape:
@@ -106,4 +107,4 @@ class FoldMethod(MergeMethod):
             return 4 * 4 * numel
         m, n = shape
         k = min(m, n)
-        return 4 * 4 * numel + 8 * (m * n + (m + n) * k + 2 * k * k)
+        return 4 * 4 * numel + 8 * (2 * m * n + (m + n) * k + 2 * k * k)

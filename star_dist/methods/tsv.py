@@ -52,9 +52,10 @@ class TsvFold(Fold):
         floor = rounding_floor(s, self.dtype)
         r = above(s, floor, self.per_task)
         sign = -1.0 if weight < 0 else 1.0
+        # Copies, not views: a view of vh[:r] would keep this task's whole k×n Vᵀ alive.
         self.us.append(u[:, :r] * sign)
-        self.sigmas.append(s[:r])
-        self.vhs.append(vh[:r])
+        self.sigmas.append(s[:r].clone())
+        self.vhs.append(vh[:r].clone())
         self.kept[model] = r
 
     def finish(self) -> tuple[TaskVector, dict[str, Any]]:

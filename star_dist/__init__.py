@@ -20,7 +20,9 @@ from .errors import (
     InputError,
     MergeError,
     OutputError,
+    PublishError,
     StarDistError,
+    VerifyError,
 )
 from .plan import MergePlan, build_plan
 from .run import MergeResult, run_merge
@@ -40,6 +42,8 @@ __all__ = [
     "OutputError",
     "MergeError",
     "ClusterError",
+    "VerifyError",
+    "PublishError",
 ]
 
 ConfigLike = MergeConfig | Mapping[str, Any] | str | Path

@@ -24,6 +24,7 @@ so they live in `RunOptions`, filled from CLI flags or keyword arguments.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -108,6 +109,9 @@ class MergeConfig:
     # From a mergekit `slices:` config: the one layer range every source uses. The plan
     # checks it is the whole model ([0, L]), the only slice star_dist merges.
     layer_range: tuple[int, int] | None = None
+    # The config as the user gave it (file keys with flags applied, their paths, before any
+    # rewriting): what the model card shows. Not part of the merge's meaning.
+    as_written: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def lambda_(self) -> float:
@@ -191,6 +195,7 @@ class MergeConfig:
         shape_problem = _structure_problem(data)
         if shape_problem:
             raise ConfigError(f"{source}: {shape_problem}")
+        as_written = json.loads(json.dumps(dict(data), default=str))  # plain data, before any rewriting
         known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format",
                  "tokenizer_source", "slices"}
         layer_range = None
@@ -283,6 +288,7 @@ class MergeConfig:
             output_format=output_format,
             notes=tuple(notes),
             layer_range=layer_range,
+            as_written=as_written,
         )
         # The method's own checks join the file's problems: one message, never two rounds.
         problems += [p for p in config.problems() if not (p.startswith("models:") and not models)]
@@ -370,6 +376,7 @@ class MergeConfig:
             output_format=self.output_format,
             notes=self.notes,
             layer_range=self.layer_range,
+            as_written=self.as_written,
         )
 
 
@@ -575,6 +582,7 @@ class RunOptions:
     connect_timeout_s: float = 30.0
     start_timeout_s: float = 300.0  # fail when no worker has started for this long
     verify_resume: bool = False  # re-hash finished shards before trusting them (in the workers)
+    verify: bool = True  # check the output against its config.json's architecture when done
 
     def __post_init__(self) -> None:
         problems = run_option_problems(self)
@@ -585,7 +593,7 @@ class RunOptions:
 def run_option_problems(options: RunOptions) -> list[str]:
     """Every invalid option, in words naming the option and what it takes."""
     problems = []
-    for name in ("overwrite", "quiet", "verify_resume"):
+    for name in ("overwrite", "quiet", "verify_resume", "verify"):
         if not isinstance(getattr(options, name), bool):
             problems.append(f"{name} must be true or false, got {getattr(options, name)!r}")
     for name, allowed in (("runtime", RUNTIMES), ("device", DEVICES)):

@@ -39,3 +39,12 @@ class DataError(MergeError):
 
 class ClusterError(StarDistError):
     """The Ray cluster cannot be reached or used."""
+
+
+class VerifyError(StarDistError):
+    """A model folder does not hold what its config.json describes (a missing, extra or
+    mis-shaped tensor, tied weights stored twice), or a smoke test found it broken."""
+
+
+class PublishError(StarDistError):
+    """Uploading the output to the Hugging Face hub failed (no token, no rights, network)."""

@@ -28,6 +28,7 @@ from .mergekit_params import TensorParams, count_layers, resolve_tensor_params
 from .methods import FoldMethod, MergeMethod, get_method
 from .output import package_version
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
+from .verify import checked_base
 
 Source = TensorEntry | LoraSource | None  # None: an adapter that does not touch this tensor
 SINGLE_SHARD_NAME = "model.safetensors"
@@ -154,6 +155,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     method = get_method(config.merge_method, config.method_params(), config.model_method_params())
     out_dir = Path(os.path.abspath(out_dir))  # absolute and normalized, not resolved: symlinks stay
     base = Checkpoint.from_folder(config.base_model, resolve_model_folder(absolute_source(config.base_model)))
+    base = checked_base(base)  # against its own config.json, from headers
     inputs = [open_input(m.model, base) for m in config.models]
     weights = tuple(method.resolve_weights(config.model_weights()))
     out_dtype_code = DTYPE_NAMES[config.output_dtype] if config.output_dtype else None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
-from .errors import ConfigError, DataError, InputError, OutputError, StarDistError
+from .errors import ConfigError, DataError, InputError, OutputError, StarDistError, VerifyError
 from .files import converts_os_errors
 from .lock import OutputLock
 from .lora import merged_adapter_config
@@ -50,6 +50,7 @@ class MergeResult:
     runtime: str = "local"  # where it ran ("local" | "ray") and why, in words
     runtime_reason: str = ""
     bytes_read_per_worker: dict[str, int] = dataclasses.field(default_factory=dict)  # this run's shards only
+    verification: str = ""  # one line: what the final architecture check found, or why it was skipped
 
 
 def run_merge(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> MergeResult:
@@ -82,9 +83,10 @@ def run_merge(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> 
             raise
         report = finalize(plan, [*done.values(), *manifests])
         drop_replaced(plan.out_dir)  # the new merge is complete: the overwritten contents can go
+    verification = verify_output(plan.out_dir) if options.verify else "verify: skipped (--no-verify)"
     files = sorted(p.name for p in plan.out_dir.iterdir() if p.is_file() and not p.name.startswith(STATE_DIR))
     return MergeResult(plan.out_dir, files, len(plan.shards), len(done), report, tuple(plan.warnings),
-                       choice.runtime, choice.reason, bytes_read_per_worker(plan, manifests))
+                       choice.runtime, choice.reason, bytes_read_per_worker(plan, manifests), verification)
 
 
 def _claim(plan: MergePlan, options: RunOptions, fresh_folder: bool) -> bool:
@@ -198,6 +200,17 @@ def check_shards_visible(out_dir: Path, manifests: list[Manifest]) -> None:
                 f"{path}: its worker wrote {m['size']} bytes, but {seen}; the driver and the workers do "
                 "not share the output folder: mount the shared file system at the same path on every node"
             )
+
+
+def verify_output(out_dir: Path) -> str:
+    """The finished folder against its config.json's architecture (headers only); a mismatch
+    fails the run, keeping the files for inspection. Returns the one-line outcome."""
+    from .verify import verify_folder
+
+    try:
+        return verify_folder(out_dir, strict=False).summary()  # what it inherits from the base only warns
+    except VerifyError as exc:
+        raise VerifyError(f"{exc} (the merged files are kept for inspection)") from None
 
 
 @converts_os_errors("finish the output")

@@ -24,6 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def architecture_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """star_dist's architecture cache (arch_cache.py) under the session's temp folder, not the
+    user's home; shared by every test and CLI subprocess, as a user's cache is by their runs."""
+    folder = tmp_path_factory.mktemp("star_dist_cache")
+    previous = os.environ.get("STAR_DIST_CACHE")
+    os.environ["STAR_DIST_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("STAR_DIST_CACHE", None)
+    else:
+        os.environ["STAR_DIST_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """base + 3 fine-tunes, bfloat16, each sharded over 2 files, and merge.yaml (STAR)."""

@@ -107,5 +107,46 @@ def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
             f"and Rescale for Model Merging*, NAACL 2025, {STAR_PAPER}",
             "",
         ]
-    lines += ["## Configuration", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
+    lines += [*report_section(plan.out_dir), *config_section(config)]
     return "\n".join(lines)
+
+
+def config_section(config: Any) -> list[str]:
+    """The config exactly as the user gave it (their keys, values and paths; flags applied),
+    so the card says how to redo the merge; the resolved config when built in Python."""
+    written = config.as_written if config.as_written is not None else config.to_dict()
+    text = yaml.safe_dump(written, sort_keys=False, allow_unicode=True).rstrip()
+    return ["## Configuration", "", "As given to star-dist (paths as written):", "", "```yaml", text, "```", ""]
+
+
+REPORT_HEADING = "## Merge report"
+
+
+def report_section(out_dir: Path) -> list[str]:
+    """Links to the per-tensor report and, once `star-dist report` has drawn it, its page and plots."""
+    from .report_page import REPORT_DIR
+
+    page = out_dir / REPORT_DIR / "index.html"
+    numbers = "Per tensor (kept rank, nuclear norms, seconds): [merge_report.json](merge_report.json)."
+    lines = [REPORT_HEADING, "", numbers]
+    if not page.is_file():
+        return [*lines, f"Plots: run `star-dist report {out_dir.name}` to draw them into `{REPORT_DIR}/`.", ""]
+    lines.append(f"Plots and a table: [{REPORT_DIR}/index.html]({REPORT_DIR}/index.html).")
+    for png in sorted(page.parent.glob("*.png")):
+        lines += ["", f"![{png.stem}]({REPORT_DIR}/{png.name})"]
+    return [*lines, ""]
+
+
+def relink_card(out_dir: Path) -> None:
+    """Rewrite the card's merge-report section after `star-dist report` (the rest is kept as
+    it is, edits included); a card without that section gets it appended."""
+    card = out_dir / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    section = "\n".join(report_section(out_dir))
+    start = text.find(REPORT_HEADING)
+    if start < 0:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(REPORT_HEADING))
+        new = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+    write_atomic(card, new.encode())

@@ -50,7 +50,7 @@ def merge_shard(
     """
     start = time.perf_counter()
     if job.output_format == "adapter":
-        return _merge_adapter(job, start, worker)
+        return _merge_adapter(job, start, worker, on_tensor)
     out_dir = Path(job.out_dir)
     method = method_of(job)
     device = resolve_device(job.device)
@@ -98,9 +98,12 @@ def _finish(
     return manifest
 
 
-def _merge_adapter(job: ShardJob, start: float, worker: dict[str, Any] | None) -> Manifest:
+def _merge_adapter(
+    job: ShardJob, start: float, worker: dict[str, Any] | None, on_tensor: Callable[[str, int], None] | None
+) -> Manifest:
     """One PEFT adapter file: every module's merged factors. Ranks are known only after
-    STAR, so the (small) factors are computed first and then written with their header."""
+    STAR, so the (small) factors are computed first and then written with their header;
+    the bar advances per module by its planned (upper-bound) bytes, as the plan counted them."""
     method = method_of(job)
     factors: list[tuple[str, torch.Tensor]] = []
     report: dict[str, Any] = {}
@@ -110,6 +113,8 @@ def _merge_adapter(job: ShardJob, start: float, worker: dict[str, Any] | None) -
             lora_b, lora_a, report[tensor_job.name] = merger.merge_factors(tensor_job)
             module = PEFT_PREFIX + tensor_job.name.removesuffix(".weight")
             factors += [(f"{module}.lora_A.weight", lora_a), (f"{module}.lora_B.weight", lora_b)]
+            if on_tensor is not None:
+                on_tensor(tensor_job.name, tensor_job.out_bytes)
     factors.sort(key=lambda item: item[0])
     writer = StreamingShardWriter(
         Path(job.out_dir) / job.file_name,

@@ -1,4 +1,4 @@
-"""The `star-dist` command: `merge`, `plan` and `make-tiny`.
+"""The `star-dist` command: `merge`, `plan`, `verify`, `report` and `make-tiny`.
 
 Any expected failure (bad config, bad input, busy output folder, unreachable cluster)
 prints one line `star-dist: error: ...` and exits with status 2.
@@ -78,6 +78,36 @@ def _runtime_args(group: argparse._ArgumentGroup) -> None:
                        help="number of worker actors (default: one per GPU, or cores / threads)")
 
 
+def _publish_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("check and publish")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip the final check of the output against its config.json's architecture")
+    g.add_argument("--push-to-hub", metavar="REPO",
+                   help="upload the finished output to this hub model repo (resumable; token from HF_TOKEN or "
+                        "`hf auth login`, never printed)")
+    g.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+
+def _verify_parser(sub: Any) -> None:
+    verify = sub.add_parser("verify", help="check a model folder against the architecture its config.json builds",
+                            description="Build the architecture from config.json on the meta device and compare "
+                                        "every tensor's name and shape, and the tied weights, with the folder's "
+                                        "headers. --smoke also loads it and compares next-token loss with the base.")
+    verify.add_argument("out", help="a model folder (a star-dist output, or any Hugging Face folder)")
+    verify.add_argument("--smoke", action="store_true",
+                        help="load the model and the base (accelerate, device_map=auto) and compare next-token loss")
+    verify.add_argument("--base", help="the base model folder or hub id for --smoke (default: merge_report.json's)")
+    verify.add_argument("--lenient", action="store_true",
+                        help="extra tensors and second tied copies (which transformers drops at load) only warn")
+
+
+def _report_parser(sub: Any) -> None:
+    report = sub.add_parser("report", help="draw merge_report.json as an HTML page with PNG plots",
+                            description="Write OUT/report/index.html and its plots (kept rank per layer and model, "
+                                        "nuclear norms, per-tensor time) and link them from the model card.")
+    report.add_argument("out", help="a finished star-dist output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="star-dist", description="Merge fine-tuned models with STAR and baselines.",
                                      epilog=EPILOG)
@@ -96,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--json", action="store_true",
                        help="print a JSON summary on stdout when done (for pipelines; implies no progress bar)")
     _run_args(merge)
+    _publish_args(merge)
 
     plan = sub.add_parser("plan", help="dry run: validate inputs, show shards, bytes, memory, SVD count",
                           description="Read only headers: validate every input and print the plan.", epilog=EPILOG)
@@ -106,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=list(DEVICES), default=RunOptions.device)
     _runtime_args(plan.add_argument_group("execution (what plan would choose)"))
 
+    _verify_parser(sub)
+    _report_parser(sub)
     tiny = sub.add_parser("make-tiny", help="write tiny llama-shaped checkpoints and a config, for demos and tests")
     tiny.add_argument("folder", help="where to write base/, ft0..ftN-1/ and merge.yaml")
     tiny.add_argument("--models", type=int, default=3, help="number of fine-tunes (default 3)")
@@ -196,6 +229,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         connect_timeout_s=getattr(args, "connect_timeout", defaults.connect_timeout_s),
         start_timeout_s=getattr(args, "start_timeout", defaults.start_timeout_s),
         verify_resume=getattr(args, "verify_resume", defaults.verify_resume),
+        verify=not getattr(args, "no_verify", False),
     )
 
 
@@ -203,14 +237,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .run import run_merge
 
     options = run_options(args)
+    if args.private and not args.push_to_hub:
+        raise ConfigError("--private applies to --push-to-hub REPO; give the repo too")
     config = config_from_args(args)
     for note in config.notes:  # said once, before the work starts
         print(f"star-dist: note: {note}", file=sys.stderr)
     if args.json:
         options = dataclasses.replace(options, quiet=True)  # stdout carries the JSON only
     result = run_merge(config, args.out, options)
+    pushed = _push(result.out_dir, args) if args.push_to_hub else None
     if args.json:
-        print(json.dumps(merge_summary(config, result), indent=2))
+        print(json.dumps({**merge_summary(config, result), "pushed": pushed}, indent=2))
     elif not args.quiet:
         resumed = f" ({result.shards_resumed} resumed)" if result.shards_resumed else ""
         print(f"merged into {result.out_dir}: {result.shards_total} shard(s){resumed}, "
@@ -218,6 +255,61 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"runtime {result.runtime} ({result.runtime_reason})")
         if result.bytes_read_per_worker:
             print("read " + ", ".join(f"{w}: {human_bytes(n)}" for w, n in result.bytes_read_per_worker.items()))
+        print(result.verification)
+        if pushed:
+            print(f"pushed to {pushed}")
+    return 0
+
+
+def _push(out_dir: Path, args: argparse.Namespace) -> str:
+    """Upload the finished output; returns the repo's URL."""
+    from .publish import push_to_hub
+
+    if not args.quiet and not args.json:
+        print(f"uploading {out_dir} to {args.push_to_hub} ...", file=sys.stderr)
+    return push_to_hub(out_dir, args.push_to_hub, private=args.private).url
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_folder
+
+    out = Path(args.out)
+    if not out.is_dir():
+        raise ConfigError(f"{out}: no such folder (looked in {Path.cwd()})")
+    checked = verify_folder(out, strict=not args.lenient)
+    print(checked.summary())
+    if args.smoke and checked.skipped:
+        raise ConfigError(f"{out}: --smoke loads the model, which needs what the check lacked ({checked.skipped})")
+    if args.smoke:
+        from .smoke import smoke_test
+
+        print(f"smoke: {smoke_test(out, _smoke_base(out, args.base)).summary()}")
+    return 0
+
+
+def _smoke_base(out: Path, given: str | None) -> Path:
+    """The base to compare with: --base, else the one merge_report.json names."""
+    from .checkpoint import resolve_model_folder
+    from .report_page import REPORT_JSON, read_report
+
+    if given is None:
+        if not (out / REPORT_JSON).is_file():
+            raise ConfigError(f"{out}: no {REPORT_JSON} saying which base it came from; pass --base BASE")
+        given = str(read_report(out / REPORT_JSON).get("base_model") or "")
+    try:
+        return resolve_model_folder(given)
+    except StarDistError as exc:
+        raise ConfigError(f"the base for --smoke: {exc}; pass --base BASE") from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import relink_card
+    from .report_page import write_report_page
+
+    out = Path(args.out)
+    page = write_report_page(out)
+    relink_card(out)
+    print(f"wrote {page} and its plots; linked from {out / 'README.md'}")
     return 0
 
 
@@ -238,6 +330,7 @@ def merge_summary(config: MergeConfig, result: Any) -> dict[str, Any]:
         "runtime": result.runtime,
         "runtime_reason": result.runtime_reason,
         "bytes_read_per_worker": dict(result.bytes_read_per_worker),
+        "verification": result.verification,
     }
 
 
@@ -347,7 +440,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"merge": cmd_merge, "plan": cmd_plan, "make-tiny": cmd_make_tiny}
+    handlers = {"merge": cmd_merge, "plan": cmd_plan, "make-tiny": cmd_make_tiny, "verify": cmd_verify,
+                "report": cmd_report}
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

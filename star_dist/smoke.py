@@ -17,9 +17,10 @@ merge (`L_merged`). A uniform guess scores `L_chance = ln(vocab)`, and greedy ta
 that is, when it has lost more than half of the base's edge over chance on text the base
 finds most likely. Why half: merging averages task vectors that each move the weights by a
 few percent of their norm, so a sound merge of fine-tunes of this base stays close to the
-base's predictions (the tiny models here: within a few percent of the gap), while values in
-the wrong place give a model unrelated to the base, at or above chance (measured: about
-1.0 of the gap). Half sits far from both, so neither noise nor a real fine-tune's drift
+base's predictions, while values in the wrong place give a model unrelated to the base, at
+or above chance. Measured on make-tiny's models (bf16, vocab 256; L_base 3.056, L_chance
+5.545): a fine-tune loses 0.008 of the gap, their STAR merge 0.037, the merge with every
+matrix's entries shuffled 1.14. Half sits far from both, so neither noise nor a real fine-tune's drift
 trips it, and no scrambled merge passes it.
 """
 

@@ -4,18 +4,23 @@ STAR needs all singular values (their sum Σσ is the nuclear norm it preserves,
 rank r is read off their cumulative sum) but only the top-r singular vectors, and only the
 subspace they span: τ' = c · τ V_r V_rᵀ with one scale c for every kept value. So:
 
-* values: LAPACK's values-only SVD in float32 (`singular_values`), exactly as the reference
-  computed them, which matters for the rounding of the rank rule (`kept_rank`);
+* values: the reference is LAPACK's values-only SVD in float32 (`singular_values`), exactly
+  as the authors computed them, which matters for the rounding of the rank rule
+  (`kept_rank`); the default route takes them from the float64 Gram matrix instead and
+  falls back to the reference where rounding could move the rank (`spectrum.py`);
 * vectors (`top_factors`), float64 and exact to far below float32 resolution:
-  - ``"subspace"``: block power iteration on G = τᵀτ (never formed), its block size and step
-    count planned from the known spectrum, its result certified by the Davis–Kahan bound
-    (subspace angle ≤ 1e-9) or else replaced by ``"gram"``. Cheap when σ falls off past r,
-    as it does for real task vectors.
-  - ``"gram"``: the eigendecomposition of the float64 Gram matrix of the smaller side. Its
-    top eigenvectors are accurate to ~eps64·σ_1²/(σ_r² − σ_{r+1}²), better than a float32
-    SVD; the small σ are never taken from G (they lose half their digits there).
+  - ``"subspace"``: block power iteration on G = τᵀτ (the Gram matrix of the smaller side,
+    reused when the values route formed it), its block size and step count planned from the
+    known spectrum, its result certified by the Davis–Kahan bound (subspace angle ≤ 1e-9)
+    or else replaced by ``"gram"``. Cheap when σ falls off past r, as it does for real
+    task vectors.
+  - ``"gram"``: the eigendecomposition of the float64 Gram matrix. Its top eigenvectors are
+    accurate to ~eps64·σ_1²/(σ_r² − σ_{r+1}²), better than a float32 SVD.
   - ``"svd"``: a float32 thin SVD, the authors' path; kept for comparison.
   - ``"auto"`` (the default): ``"subspace"`` when its planned cost is below ``"gram"``'s.
+
+Every function computes on the device of its input (`GramSide` carries it), so one code
+path serves CPU and CUDA workers.
 
 Factors are returned so that their product is the truncation, and no singular value is ever
 divided by (safe for tiny or zero σ). For LoRA task vectors `lowrank_svd` gives the exact thin
@@ -25,6 +30,7 @@ SVD of left @ right from two QRs and an r×r SVD, never forming the m×n matrix.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -39,9 +45,9 @@ _SUBSPACE_TOL = 1e-9
 _SUBSPACE_MAX_ITER = 40
 _SUBSPACE_EXTRA_STEPS = 4
 _SUBSPACE_SEED = 0
-# A bound on the absolute error of a float32 values-only σ, over σ_1: backward-stable values
-# are off by a small multiple of eps32·σ_1; this allows 8·√k·eps32 and at least 1e-6.
+# Machine epsilons, for the error allowances of the known σ (`_next_eigenvalue_bound`).
 _EPS32 = float(torch.finfo(torch.float32).eps)
+_EPS64 = float(torch.finfo(torch.float64).eps)
 
 
 def singular_values(tau: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,10 @@ def kept_rank(s: torch.Tensor, eta: float) -> int:
     agrees to float32 rounding whatever r the tail yields (tests/methods/test_star_golden.py
     checks exactly that).
     """
-    values = s.detach() if s.dtype == torch.float64 else s.detach().to(torch.float32)  # (k,)
+    # On the CPU, whatever device made the values: one small copy, and the float32 cumulative
+    # sum rounds the same everywhere (the CPU accumulates it in float64 and rounds once).
+    values = s.detach().cpu()
+    values = values if values.dtype == torch.float64 else values.to(torch.float32)  # (k,)
     if values.numel() == 0:
         return 0
     total = values.sum()  # () float32 as the reference sums (float64 values: float64)
@@ -88,46 +97,77 @@ def kept_rank(s: torch.Tensor, eta: float) -> int:
     return min(r, values.numel())
 
 
+@dataclass(frozen=True)
+class GramSide:
+    """τ as one tall float64 matrix (τᵀ when τ is wide) and, once formed, its Gram matrix.
+
+    The Gram side is the smaller one: G = tallᵀ tall is (k, k), k = min(m, n). The values
+    route (`spectrum.star_spectrum`) forms G once, and the vectors reuse it, so a block power
+    step costs one (k, k) @ (k, b) product instead of two passes over τ.
+    """
+
+    tall: torch.Tensor  # (max(m, n), k) float64, contiguous
+    wide: bool  # True when tall = τᵀ (m < n)
+    gram: torch.Tensor | None = None  # (k, k) float64 tallᵀ tall, or None when not formed
+
+    def times(self, block: torch.Tensor) -> torch.Tensor:
+        """G @ block, (k, b): from the formed G, else tallᵀ (tall @ block) without forming it."""
+        if self.gram is not None:
+            return self.gram @ block  # (k, k) @ (k, b)
+        return self.tall.T @ (self.tall @ block)  # (k, max) @ (max, b)
+
+
+def gram_side(tau: torch.Tensor, form: bool = True, device: torch.device | str | None = None) -> GramSide:
+    """τ (or τᵀ, so the Gram side is the smaller) as float64 on `device`, G formed if `form`.
+
+    Args:
+        tau: a 2-D task vector (float32, or any float dtype; it is upcast).
+        form: whether to form G = tallᵀ tall (one GEMM, the dense routes need it).
+        device: where to compute; None keeps τ's device (a GPU worker passes its cuda device).
+
+    Returns:
+        The GramSide; one float64 copy of τ (2× its float32 bytes) serves every product.
+    """
+    tall, wide = _tall_f64(tau if device is None else tau.to(device, non_blocking=True))
+    return GramSide(tall, wide, tall.T @ tall if form else None)  # G (k, k)
+
+
 def _tall_f64(tau: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """τ or τᵀ, whichever has at least as many rows as columns, as one contiguous float64 copy.
 
-    The Gram side is the smaller one; one copy (2× τ's float32 bytes) serves every product,
-    and a wide τ is transposed once instead of gathered by strided column blocks per step.
+    A wide τ is transposed once instead of gathered by strided column blocks per step.
     """
     wide = tau.shape[0] < tau.shape[1]
     view = tau.T if wide else tau  # (max, k), k = min(m, n)
     return view.to(dtype=torch.float64, memory_format=torch.contiguous_format), wide
 
 
-def _as_factors(tall: torch.Tensor, basis: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_factors(side: GramSide, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From an orthonormal basis (k, r) of the top right singular subspace of `tall` to factors of τ."""
-    projected = tall @ basis  # (max, r) = U_r diag(σ_r) on the long side
-    if wide:
+    projected = side.tall @ basis  # (max, r) = U_r diag(σ_r) on the long side
+    if side.wide:
         return basis, projected.T  # (m, r) U_r, (r, n) diag(σ_r) V_rᵀ
     return projected, basis.T  # (m, r) U_r diag(σ_r), (r, n) V_rᵀ
 
 
-def _gram_basis(tall: torch.Tensor, r: int) -> torch.Tensor:
+def _gram_basis(side: GramSide, r: int) -> torch.Tensor:
     """Top-r eigenvectors of the float64 Gram matrix G = tallᵀ tall, descending: (k, r)."""
-    _, vectors = torch.linalg.eigh(tall.T @ tall)  # G (k, k); ascending eigenvalues
+    gram = side.gram if side.gram is not None else side.tall.T @ side.tall  # (k, k)
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
     return vectors[:, vectors.shape[1] - r :].flip(-1)  # (k, r)
 
 
-def _gram_times(tall: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """G @ block = tallᵀ (tall @ block) without forming G: (k, b)."""
-    return tall.T @ (tall @ block)  # (k, max) @ (max, b)
-
-
-def _subspace_plan(s: torch.Tensor, r: int, n_rows: int) -> tuple[int, int] | None:
+def _subspace_plan(s: torch.Tensor, r: int, n_rows: int, formed: bool = False) -> tuple[int, int] | None:
     """Block size b and predicted iterations q for `_subspace_basis`, or None if eigh is cheaper.
 
     With the spectrum known, block power iteration on G converges like ρ^q with
     ρ = (σ_{b+1}/σ_r)²; a random start is off by about √k, so q = log(tol/√k)/log ρ. Every
     b from r + 4 to min(k/2, 2r + 128) is tried (a gap in the spectrum just above r makes a
-    small block converge at once). A step is two GEMMs and a QR, 4·n_rows·k·b + 4·k·b² flops,
-    but narrow GEMMs are bound by reading the float64 matrix twice (16·n_rows·k bytes), which
-    costs about as much as 16 more columns; against 2·n_rows·k² + 12·k³ for Gram + eigh
-    (float64 eigh with vectors, measured here at about the GEMMs' flop rate).
+    small block converge at once). Costs, in flops at the GEMM rate (measured here, 1 thread):
+    a step is two GEMMs over τ, 4·n_rows·k·b, bound by reading the float64 matrix twice (about
+    16 more columns), or with G formed one (k, k) GEMM, 2·k²·b; plus a QR, 4·k·b² at about a
+    third of the GEMM rate. Against eigh with vectors: 2·n_rows·k² + 12·k³ from τ, 9·k³ on a
+    formed G.
     """
     k = s.numel()
     s64 = s.to(torch.float64)
@@ -136,49 +176,74 @@ def _subspace_plan(s: torch.Tensor, r: int, n_rows: int) -> tuple[int, int] | No
         return None
     blocks = torch.arange(low, high + 1)  # candidate b
     rho = (s64[blocks] / s64[r - 1]) ** 2  # (nb,) convergence factor per step, < 1 past a gap
-    with torch.no_grad():
-        steps = torch.where(
-            rho > 0,
-            torch.ceil(math.log(_SUBSPACE_TOL / math.sqrt(k)) / torch.log(rho.clamp(max=1 - 1e-12))) + 1,
-            torch.ones_like(rho),
-        )
-    cost = (steps + 1) * (4.0 * n_rows * k * (blocks + 16) + 4.0 * k * blocks**2)  # (nb,) + the check
+    steps = torch.where(
+        rho > 0,
+        torch.ceil(math.log(_SUBSPACE_TOL / math.sqrt(k)) / torch.log(rho.clamp(max=1 - 1e-12))) + 1,
+        torch.ones_like(rho),
+    )
+    if formed:
+        step_cost, eigh_cost = 2.0 * k * k * blocks + 12.0 * k * blocks**2, 9.0 * k**3
+    else:
+        step_cost = 4.0 * n_rows * k * (blocks + 16) + 4.0 * k * blocks**2
+        eigh_cost = 2.0 * n_rows * k * k + 12.0 * k**3
+    cost = (steps + 1) * step_cost  # (nb,) + the check
     cost[steps > _SUBSPACE_MAX_ITER] = math.inf
     best = int(torch.argmin(cost))
-    if not math.isfinite(float(cost[best])) or float(cost[best]) > 2.0 * n_rows * k * k + 12.0 * k**3:
+    if not math.isfinite(float(cost[best])) or float(cost[best]) > eigh_cost:
         return None
     return int(blocks[best]), int(steps[best])
 
 
-def _subspace_basis(tall: torch.Tensor, s: torch.Tensor, r: int, b: int, q: int) -> torch.Tensor | None:
-    """Top-r right singular subspace of `tall` by float64 block power iteration, certified.
+def _next_eigenvalue_bound(s: torch.Tensor, r: int) -> float:
+    """An upper bound of λ_{r+1}(G) from the known σ, inflated by their error.
 
-    After q steps, Rayleigh–Ritz on the block gives r Ritz vectors with values θ_i and residual
-    R = G V_r − V_r diag(θ); by the Davis–Kahan sin θ theorem the angle to the exact subspace
-    is ≤ ‖R‖_F / (θ_r − λ_{r+1}), with λ_{r+1} from the values-only SVD (inflated by its error).
-    Returns None (the caller falls back to eigh) when that bound is not ≤ tol after a few
-    extra steps. The start block is drawn from a fixed seed, so the result is deterministic.
+    float32 values (values-only SVD) are off by a small multiple of eps32·σ_1: allow
+    8·√k·eps32·σ_1, at least 1e-6·σ_1. float64 values from G's own eigenvalues are off by
+    eigvalsh's backward error, a small multiple of k·eps64·λ_1: allow 4·k·eps64·λ_1.
     """
-    k = tall.shape[1]
-    gen = torch.Generator(device="cpu").manual_seed(_SUBSPACE_SEED)
-    start = torch.randn(k, b, generator=gen, dtype=torch.float64).to(tall.device)  # (k, b)
-    basis, _ = torch.linalg.qr(start)  # (k, b)
-    image = _gram_times(tall, basis)  # (k, b) G Q
+    k = s.numel()
     s64 = s.to(torch.float64)
+    if s.dtype == torch.float64:
+        return float(s64[r]) ** 2 + 4.0 * k * _EPS64 * float(s64[0]) ** 2
     slack = max(1e-6, 8.0 * math.sqrt(k) * _EPS32) * float(s64[0])
-    lam_next = (float(s64[r]) + slack) ** 2  # ≥ λ_{r+1} despite float32 values; r < b < k
-    for step in range(1, q + _SUBSPACE_EXTRA_STEPS + 1):
-        basis, _ = torch.linalg.qr(image)  # (k, b) one power step: span(G Q)
-        image = _gram_times(tall, basis)  # (k, b)
-        if step < q:
-            continue
-        # Rayleigh–Ritz in the block: Qᵀ G Q = W diag(θ) Wᵀ, Ritz vectors Q W.
-        theta, rot = torch.linalg.eigh(basis.T @ image)  # (b,), (b, b) ascending
-        top = rot[:, b - r :].flip(-1)  # (b, r)
-        ritz = basis @ top  # (k, r)
-        residual = image @ top - ritz * theta[b - r :].flip(-1)  # (k, r) G V_r − V_r diag(θ)
-        gap = float(theta[b - r]) - lam_next
-        if gap > 0 and float(torch.linalg.matrix_norm(residual)) <= _SUBSPACE_TOL * gap:
+    return (float(s64[r]) + slack) ** 2  # r < b < k
+
+
+def _certified(basis: torch.Tensor, image: torch.Tensor, r: int, lam_next: float) -> torch.Tensor | None:
+    """Rayleigh–Ritz on the block, and its Davis–Kahan certificate: the Ritz vectors (k, r) or None.
+
+    Qᵀ G Q = W diag(θ) Wᵀ gives Ritz vectors Q W with residual R = G V_r − V_r diag(θ); the angle
+    to the exact subspace is ≤ ‖R‖_F / (θ_r − λ_{r+1}). One host sync (the two scalars).
+    """
+    b = basis.shape[1]
+    theta, rot = torch.linalg.eigh(basis.T @ image)  # (b,), (b, b) ascending
+    top = rot[:, b - r :].flip(-1)  # (b, r)
+    ritz = basis @ top  # (k, r)
+    residual = image @ top - ritz * theta[b - r :].flip(-1)  # (k, r) G V_r − V_r diag(θ)
+    checks = torch.stack([theta[b - r] - lam_next, torch.linalg.matrix_norm(residual)]).tolist()
+    gap, norm = checks
+    return ritz if gap > 0 and norm <= _SUBSPACE_TOL * gap else None
+
+
+def _subspace_basis(side: GramSide, s: torch.Tensor, r: int, b: int, q: int) -> torch.Tensor | None:
+    """Top-r right singular subspace of `side.tall` by float64 block power iteration, certified.
+
+    q power steps, then the certificate (`_certified`); if it fails, a few more steps and the
+    certificate again; None then (the caller falls back to eigh). No host sync inside the
+    steps, so on a GPU they queue back to back. The start block comes from a fixed seed.
+    """
+    k = side.tall.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(_SUBSPACE_SEED)
+    start = torch.randn(k, b, generator=gen, dtype=torch.float64).to(side.tall.device)  # (k, b)
+    basis, _ = torch.linalg.qr(start)  # (k, b)
+    image = side.times(basis)  # (k, b) G Q
+    lam_next = _next_eigenvalue_bound(s, r)
+    for steps in (q, _SUBSPACE_EXTRA_STEPS):
+        for _ in range(steps):
+            basis, _ = torch.linalg.qr(image)  # (k, b) one power step: span(G Q)
+            image = side.times(basis)  # (k, b)
+        ritz = _certified(basis, image, r, lam_next)
+        if ritz is not None:
             return ritz
     return None
 
@@ -189,48 +254,67 @@ def top_factors(
     method: TopMethod = "auto",
     s: torch.Tensor | None = None,
     info: dict[str, Any] | None = None,
+    side: GramSide | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r truncation of a 2-D τ as float64 factors (left (m, r), right (r, n)).
 
     left @ right = U_r diag(σ_r) V_rᵀ, the projection of τ on its top-r singular subspace; no
-    singular value is divided by. Methods:
+    singular value is divided by. The work runs on τ's device, or on `side`'s when given.
 
-    * ``"svd"``: float32 thin SVD (the authors' path); left = U_r diag(σ_r), right = V_rᵀ.
-    * ``"gram"``: top-r eigenvectors of the float64 Gram matrix of the smaller side.
-    * ``"subspace"``: float64 block power iteration sized from the known spectrum `s` (every
-      singular value, from `singular_values`), certified to a subspace angle ≤ 1e-9 by the
-      Davis–Kahan bound, else it falls back to ``"gram"``.
-    * ``"auto"`` (default): ``"subspace"`` when its predicted cost is below Gram + eigh, else
-      ``"gram"``.
+    Args:
+        tau: the (m, n) task vector.
+        r: the kept rank, 1 ≤ r ≤ min(m, n).
+        method: ``"svd"``: float32 thin SVD (the authors' path), left = U_r diag(σ_r),
+            right = V_rᵀ. ``"gram"``: top-r eigenvectors of the float64 Gram matrix of the
+            smaller side. ``"subspace"``: float64 block power iteration sized from the known
+            spectrum `s`, certified to a subspace angle ≤ 1e-9 by the Davis–Kahan bound, else
+            ``"gram"``. ``"auto"`` (default): ``"subspace"`` when its predicted cost is below
+            eigh's, else ``"gram"``.
+        s: every singular value, descending (float32 reference values or float64 Gram
+            values); needed by ``"subspace"`` and ``"auto"``.
+        info: if given, info["route"] records the route taken (for benchmarks and tests).
+        side: τ's GramSide when the caller has one (`spectrum.star_spectrum` formed G): reused.
 
-    For the Gram-based methods the work is on τᵀ when τ is wide (m < n); then left = U_r and
-    right = diag(σ_r) V_rᵀ; otherwise left = U_r diag(σ_r) and right = V_rᵀ. If `info` is
-    given, the route taken is written to info["route"] (for benchmarks and tests).
+    Returns:
+        (left, right) float64. On the Gram routes a wide τ (m < n) gives left = U_r and
+        right = diag(σ_r) V_rᵀ; otherwise left = U_r diag(σ_r) and right = V_rᵀ.
     """
     if method == "svd":
-        if info is not None:
-            info["route"] = "svd"
-        u, sv, vh = torch.linalg.svd(tau.to(torch.float32), full_matrices=False)
-        left = (u[:, :r] * sv[:r]).to(torch.float64)  # (m, r) U_r diag(σ_r)
-        return left, vh[:r].to(torch.float64)  # (r, n) V_rᵀ
+        _note(info, "svd")
+        return _svd_factors(tau, r)
     if method not in ("gram", "subspace", "auto"):
         raise ValueError(f"unknown top_factors method {method!r}; use 'auto', 'subspace', 'gram' or 'svd'")
-    tall, wide = _tall_f64(tau)  # (max, k) float64: every Gram product is on the smaller side
-    basis, route = None, "gram"
-    if method != "gram" and r > 0:
-        if s is None:
-            raise ValueError(f"top_factors method {method!r} needs every singular value (s)")
-        plan = _subspace_plan(s, r, tall.shape[0])
-        if plan is None and method == "subspace":
-            plan = (min(2 * r + 8, tall.shape[1]), _SUBSPACE_MAX_ITER)
-        if plan is not None and plan[0] < tall.shape[1]:
-            basis = _subspace_basis(tall, s, r, *plan)
-            route = f"subspace(b={plan[0]}, steps={plan[1]})" + ("" if basis is not None else " -> gram")
+    if method != "gram" and s is None:
+        raise ValueError(f"top_factors method {method!r} needs every singular value (s)")
+    side = side if side is not None else gram_side(tau, form=False)
+    basis, route = _iterate(side, r, method, s) if method != "gram" and r > 0 else (None, "gram")
     if basis is None:
-        basis = _gram_basis(tall, r)  # (k, r)
+        basis = _gram_basis(side, r)  # (k, r)
+    _note(info, route)
+    return _as_factors(side, basis)
+
+
+def _iterate(side: GramSide, r: int, method: TopMethod, s: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """The planned block iteration, or (None, "gram") when eigh is cheaper or it cannot certify."""
+    k = side.tall.shape[1]
+    plan = _subspace_plan(s, r, side.tall.shape[0], formed=side.gram is not None)
+    if plan is None and method == "subspace":
+        plan = (min(2 * r + 8, k), _SUBSPACE_MAX_ITER)
+    if plan is None or plan[0] >= k:
+        return None, "gram"
+    basis = _subspace_basis(side, s, r, *plan)
+    return basis, f"subspace(b={plan[0]}, steps={plan[1]})" + ("" if basis is not None else " -> gram")
+
+
+def _svd_factors(tau: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' path: float32 thin SVD, left = U_r diag(σ_r) (m, r), right = V_rᵀ (r, n)."""
+    u, sv, vh = torch.linalg.svd(tau.to(torch.float32), full_matrices=False)
+    return (u[:, :r] * sv[:r]).to(torch.float64), vh[:r].to(torch.float64)
+
+
+def _note(info: dict[str, Any] | None, route: str) -> None:
     if info is not None:
         info["route"] = route
-    return _as_factors(tall, basis, wide)
 
 
 def lowrank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,13 +16,8 @@ import torch
 from star_dist.errors import ConfigError, DataError
 from star_dist.methods.base import LowRank, StreamingMethod, TaskVector
 from star_dist.methods.params import as_number
-from star_dist.methods.spectral import (
-    TopMethod,
-    kept_rank,
-    lowrank_svd,
-    singular_values,
-    top_factors,
-)
+from star_dist.methods.spectral import TopMethod, kept_rank, lowrank_svd, top_factors
+from star_dist.methods.spectrum import ValuesMethod, star_spectrum
 
 
 @dataclass(frozen=True)
@@ -48,11 +43,28 @@ class Star(StreamingMethod):
         "https://aclanthology.org/2025.naacl-short.42/ (arXiv:2502.10339)"
     )
 
-    def __init__(self, params: StarParams | None = None, top_method: TopMethod = "auto") -> None:
-        # How the top-r vectors of a dense τ are computed (spectral.top_factors); "auto" takes a
-        # certified float64 block iteration when the spectrum makes it cheap, else Gram + eigh.
+    def __init__(
+        self,
+        params: StarParams | None = None,
+        top_method: TopMethod = "auto",
+        values_method: ValuesMethod = "gram",
+        device: torch.device | str | None = None,
+    ) -> None:
+        """STAR with its parameters and how a dense τ's spectrum is computed.
+
+        Args:
+            params: η (default 40).
+            top_method: how the top-r vectors are found (`spectral.top_factors`); "auto" takes a
+                certified float64 block iteration when the spectrum makes it cheap, else eigh.
+            values_method: how every σ is found (`spectrum.star_spectrum`): "gram" (float64
+                Gram matrix + eigvalsh, the reference values where rounding could move the
+                rank) or "svd" (the float32 values-only SVD, the authors' values).
+            device: where dense kernels compute; None computes where τ lives.
+        """
         self.params = params if params is not None else StarParams()
         self.top_method: TopMethod = top_method
+        self.values_method: ValuesMethod = values_method
+        self.device = device
 
     def params_dict(self) -> dict[str, Any]:
         return asdict(self.params)
@@ -76,17 +88,23 @@ class Star(StreamingMethod):
             return tau, {}
         if tau.numel() == 0:  # (0, n) or (m, 0): no spectrum; skip LAPACK/cuSOLVER on an empty matrix
             return _zero(tau.shape, tau.device, tau.dtype), _stats(0, 0.0, 0.0)
+        return self._transform_dense(tau)
+
+    def _transform_dense(self, tau: torch.Tensor) -> tuple[TaskVector, dict[str, Any]]:
+        """STAR of a non-empty (m, n) τ: its spectrum and rank, then the top-r factors, rescaled."""
         if not bool(torch.isfinite(tau).all()):
             raise DataError("STAR: the task vector holds NaN or Inf; check the input weights")
-        s = singular_values(tau)  # (min(m, n),) float32, every σ
-        r = kept_rank(s, self.params.eta)
+        home = tau.device  # the result goes back where τ came from
+        tau = tau if self.device is None else tau.to(self.device, non_blocking=True)
+        spectrum = star_spectrum(tau, self.params.eta, self.values_method)  # every σ and the rank r
+        r, s = spectrum.rank, spectrum.values  # s (min(m, n),)
         if r == 0:
-            return _zero(tau.shape, tau.device, tau.dtype), _stats(0, 0.0, 0.0)
-        left, right = top_factors(tau, r, self.top_method, s)  # (m, r), (r, n) float64
+            return _zero(tau.shape, home, tau.dtype), _stats(0, 0.0, 0.0)
+        left, right = top_factors(tau, r, self.top_method, s, side=spectrum.side)  # (m, r), (r, n) f64
         scale, before, after = _rescale(s, r)
         # left @ right is the rank-r truncation; c on either factor scales the product.
         dtype = tau.dtype  # float32, or float64 for a float64 merge
-        update = LowRank(left.mul_(scale).to(dtype).contiguous(), right.to(dtype).contiguous())
+        update = LowRank(left.mul_(scale).to(home, dtype).contiguous(), right.to(home, dtype).contiguous())
         return update, _stats(r, before, after)
 
     def _transform_lowrank(self, tau: LowRank) -> tuple[TaskVector, dict[str, Any]]:

@@ -9,7 +9,7 @@ from star_dist.errors import MergeError
 from star_dist.methods.spectral import (
     _subspace_basis,
     _subspace_plan,
-    _tall_f64,
+    gram_side,
     kept_rank,
     lowrank_svd,
     singular_values,
@@ -163,11 +163,11 @@ def test_subspace_is_certified_and_exact(m: int, n: int, gap_at: int | None, r: 
     k = min(m, n)
     tau = spectrum_matrix(m, n, power_law(k, gap_at), seed=m + r)
     s = singular_values(tau)
-    tall, _ = _tall_f64(tau)  # (max, k) float64
+    side = gram_side(tau, form=False)  # tall (max, k) float64, G not formed
     # Without a gap the planner prefers eigh at this small size; "subspace" then runs the
     # iteration with a block of 2r + 8 and up to 40 steps, as tested here.
-    plan = _subspace_plan(s, r, tall.shape[0]) or (2 * r + 8, 40)
-    assert _subspace_basis(tall, s, r, *plan) is not None  # the iteration certified
+    plan = _subspace_plan(s, r, side.tall.shape[0]) or (2 * r + 8, 40)
+    assert _subspace_basis(side, s, r, *plan) is not None  # the iteration certified
     left, right = top_factors(tau, r, "subspace", s)
     expected = exact_truncation(tau, r)
     assert (left @ right - expected).abs().max() <= 1e-9 * expected.abs().max()
@@ -180,7 +180,7 @@ def test_subspace_falls_back_when_the_gap_cannot_be_certified() -> None:
     values = [1.0, 0.5, 0.5 - 1e-7] + [0.01 * 0.9**i for i in range(60)]
     tau = spectrum_matrix(120, 63, values, seed=2)
     s = singular_values(tau)
-    assert _subspace_basis(_tall_f64(tau)[0], s, 2, 40, 3) is None
+    assert _subspace_basis(gram_side(tau, form=False), s, 2, 40, 3) is None
     forced = top_factors(tau, 2, "subspace", s)
     gram = top_factors(tau, 2, "gram")
     assert torch.equal(forced[0], gram[0]) and torch.equal(forced[1], gram[1])

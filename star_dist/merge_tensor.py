@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .device import resolve_device as resolve_device  # the shard runner's import; device.py owns it
 from .errors import DataError, MergeError
 from .lora import LoraSource
 from .mergekit_params import method_for
@@ -29,15 +30,6 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Row-block size for joint methods: all N models' blocks together hold about as many
 # elements as two copies of the tensor, so memory does not grow with N.
 JOINT_BLOCK_COPIES = 2
-
-
-def resolve_device(requested: str) -> torch.device:
-    """'auto' picks the GPU when this process has one (a Ray actor sees only its own)."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise MergeError("device 'cuda' requested but this worker has no CUDA device")
-    return torch.device(requested)
 
 
 class TensorMerger:

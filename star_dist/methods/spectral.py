@@ -109,6 +109,7 @@ class GramSide:
     tall: torch.Tensor  # (max(m, n), k) float64: τ, or a transposed view of τ when wide
     wide: bool  # True when tall = τᵀ (m < n)
     gram: torch.Tensor | None = None  # (k, k) float64 tallᵀ tall, or None when not formed
+    vectors: torch.Tensor | None = None  # (k, k) G's eigenvectors, descending, when eigh already ran
 
     def times(self, block: torch.Tensor) -> torch.Tensor:
         """G @ block, (k, b): from the formed G, else tallᵀ (tall @ block) without forming it."""
@@ -165,6 +166,8 @@ def _as_factors(side: GramSide, basis: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _gram_basis(side: GramSide, r: int) -> torch.Tensor:
     """Top-r eigenvectors of the float64 Gram matrix G = tallᵀ tall, descending: (k, r)."""
+    if side.vectors is not None:  # the values route already ran eigh (`spectrum.star_spectrum`)
+        return side.vectors[:, :r]  # (k, r)
     gram = side.gram if side.gram is not None else side.tall.T @ side.tall  # (k, k)
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
     return vectors[:, vectors.shape[1] - r :].flip(-1)  # (k, r)
@@ -300,7 +303,8 @@ def top_factors(
     if method != "gram" and s is None:
         raise ValueError(f"top_factors method {method!r} needs every singular value (s)")
     side = side if side is not None else gram_side(tau, form=False)
-    basis, route = _iterate(side, r, method, s) if method != "gram" and r > 0 else (None, "gram")
+    iterate = method != "gram" and r > 0 and side.vectors is None
+    basis, route = _iterate(side, r, method, s) if iterate else (None, "gram")
     if basis is None:
         basis = _gram_basis(side, r)  # (k, r)
     _note(info, route)

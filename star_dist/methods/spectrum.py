@@ -25,7 +25,7 @@ SVD: its Gram matrix would lose half of float64's digits for the small σ.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -40,6 +40,7 @@ _EPS64 = float(torch.finfo(torch.float64).eps)
 # 512² to 2048² and 1024×4096 flat, low-rank + noise, power-law and rank-8 matrices
 # (scripts/bench/star_svd.py, "reference_value_error"); the window allows 10× that.
 _REFERENCE_ERROR = 2.0
+_POWER_STEPS = 8  # for `looks_flat`'s estimate of ‖τ‖_2²
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,10 @@ def star_spectrum(
         values = singular_values(tau if device is None else tau.to(device))  # (k,)
         return Spectrum(values, kept_rank(values, eta), "svd", None)
     side = gram_side(tau, form=True, device=device)  # tall (max, k), G (k, k) float64
-    values = gram_values(side)  # (k,) float64
+    if looks_flat(side):  # the vectors will need eigh: one call gives the values too
+        side, values = _eigh(side)
+    else:
+        values = gram_values(side)  # (k,) float64
     rank = certified_rank(values, eta, rank_window(values, tau.shape, eta))
     if rank is not None:
         return Spectrum(values, rank, "gram", side)
@@ -86,6 +90,36 @@ def gram_values(side: GramSide) -> torch.Tensor:
     assert side.gram is not None, "gram_values needs the formed Gram matrix"
     lam = torch.linalg.eigvalsh(side.gram)  # (k,) ascending
     return lam.flip(0).clamp_(min=0).sqrt_()  # (k,) descending
+
+
+def _eigh(side: GramSide) -> tuple[GramSide, torch.Tensor]:
+    """G's eigenvalues as σ (k,) and its eigenvectors, both descending, kept on the side."""
+    assert side.gram is not None
+    lam, vectors = torch.linalg.eigh(side.gram)  # (k,), (k, k) ascending
+    values = lam.flip(0).clamp_(min=0).sqrt_()  # (k,) descending
+    return replace(side, vectors=vectors.flip(-1)), values
+
+
+def looks_flat(side: GramSide) -> bool:
+    """Whether τ's stable rank ‖τ‖_F² / ‖τ‖_2² exceeds k/10, from trace(G) and a power estimate.
+
+    A flat spectrum (a random matrix: stable rank k/4 when square) keeps a large r with small
+    gaps around it, where no block iteration beats eigh; then one eigh gives values and vectors
+    at once instead of eigvalsh followed by eigh. Task vectors are heavy-tailed (stable rank
+    far below k/10) and take eigvalsh + the certified iteration. Either way the result is exact;
+    this only picks the cheaper order. 8 power steps from a fixed start underestimate ‖τ‖_2²,
+    so a borderline spectrum leans to "flat".
+    """
+    assert side.gram is not None
+    k = side.gram.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(k, 1, generator=gen, dtype=torch.float64).to(side.gram.device)  # (k, 1)
+    for _ in range(_POWER_STEPS):
+        v = side.gram @ v  # (k, 1)
+        v = v / torch.linalg.vector_norm(v).clamp(min=1e-300)
+    top = (v.T @ side.gram @ v).squeeze()  # () Rayleigh quotient ≤ λ_1
+    trace, top = torch.stack([side.gram.diagonal().sum(), top]).tolist()
+    return trace > 0 and trace > top * k / 10
 
 
 def rank_window(values: torch.Tensor, shape: tuple[int, ...], eta: float) -> float:

@@ -180,9 +180,9 @@ def _subspace_plan(s: torch.Tensor, r: int, n_rows: int, formed: bool = False) -
     ρ = (σ_{b+1}/σ_r)²; a random start is off by about √k, so q = log(tol/√k)/log ρ. Every
     b from r + 4 to min(k/2, 2r + 128) is tried (a gap in the spectrum just above r makes a
     small block converge at once). Costs, in flops at the GEMM rate (measured here, 1 thread):
-    a step is two GEMMs over τ, 4·n_rows·k·b, bound by reading the float64 matrix twice (about
-    16 more columns), or with G formed one (k, k) GEMM, 2·k²·b; plus a QR, 4·k·b² at about a
-    third of the GEMM rate. Against eigh with vectors: 2·n_rows·k² + 12·k³ from τ, 9·k³ on a
+    a step is two GEMMs over τ, 4·n_rows·k·b, or with G formed one (k, k) GEMM, 2·k²·b; narrow
+    GEMMs are bound by reading the float64 matrix (twice, or G once), which costs about as much
+    as 16 more columns; plus a QR, 4·k·b² at about a third of the GEMM rate. Against eigh with vectors: 2·n_rows·k² + 12·k³ from τ, 9·k³ on a
     formed G.
     """
     k = s.numel()
@@ -198,7 +198,7 @@ def _subspace_plan(s: torch.Tensor, r: int, n_rows: int, formed: bool = False) -
         torch.ones_like(rho),
     )
     if formed:
-        step_cost, eigh_cost = 2.0 * k * k * blocks + 12.0 * k * blocks**2, 9.0 * k**3
+        step_cost, eigh_cost = 2.0 * k * k * (blocks + 16) + 12.0 * k * blocks**2, 9.0 * k**3
     else:
         step_cost = 4.0 * n_rows * k * (blocks + 16) + 4.0 * k * blocks**2
         eigh_cost = 2.0 * n_rows * k * k + 12.0 * k**3

@@ -182,11 +182,11 @@ def _subspace_plan(s: torch.Tensor, r: int, n_rows: int, formed: bool = False) -
     small block converge at once). Costs, in flops at the GEMM rate (measured here, 1 thread):
     a step is two GEMMs over τ, 4·n_rows·k·b, or with G formed one (k, k) GEMM, 2·k²·b; narrow
     GEMMs are bound by reading the float64 matrix (twice, or G once), which costs about as much
-    as 16 more columns; plus a QR, 4·k·b² at about a third of the GEMM rate. Against eigh with vectors: 2·n_rows·k² + 12·k³ from τ, 9·k³ on a
-    formed G.
+    as 16 more columns; plus a QR, 4·k·b² at about a third of the GEMM rate. Against eigh with
+    vectors: 2·n_rows·k² + 12·k³ from τ, 9·k³ on a formed G.
     """
     k = s.numel()
-    s64 = s.to(torch.float64)
+    s64 = s.detach().cpu().to(torch.float64)  # (k,) the plan is scalar work: on the host, whatever the device
     low, high = r + 4, min(k // 2, 2 * r + 128)
     if high < low or not bool(s64[r - 1] > 0):
         return None

@@ -248,14 +248,23 @@ def bench_ranks(sizes: list[int]) -> dict:
 # -- a whole merge -----------------------------------------------------------------------------
 
 
-def naive_merge(folder: Path, out: Path, n_models: int) -> None:
-    """The naive in-memory STAR: load the base and every fine-tune whole, full SVD per matrix."""
+def load_in_memory(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model copied into process memory, as `torch.load` would hold it.
+
+    safetensors' `load_file` leaves tensors backed by the file's pages (file-backed, not
+    anonymous memory), which would hide the naive merge's real footprint from RssAnon."""
     sys.path.insert(0, str(ROOT / "tests"))
     from reference import load_folder
+
+    return {name: tensor.clone() for name, tensor in load_folder(folder).items()}
+
+
+def naive_merge(folder: Path, out: Path, n_models: int) -> None:
+    """The naive in-memory STAR: load the base and every fine-tune whole, full SVD per matrix."""
     from safetensors.torch import save_file
 
-    base = load_folder(folder / "base")
-    fts = [load_folder(folder / f"ft{i}") for i in range(n_models)]
+    base = load_in_memory(folder / "base")
+    fts = [load_in_memory(folder / f"ft{i}") for i in range(n_models)]
     merged = {}
     for name, w in base.items():
         taus = [ft[name].float() - w.float() for ft in fts]
@@ -407,13 +416,17 @@ def main() -> None:
     parser.add_argument("--merge-model", default="62M", choices=sorted(MERGE_SHAPES))
     parser.add_argument("--merge-repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 round: a smoke run")
+    parser.add_argument("--update", action="store_true", help="keep the other sections of the existing JSON")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats, args.merge_model, args.merge_repeats = "256", 1, "quick", 1
     torch.set_num_threads(1)  # a benchmark setting; the library sets nothing global
     sizes = [int(s) for s in args.sizes.split(",")]
     sections = set(args.sections.split(","))
-    report: dict[str, Any] = {"machine_start": _bench.machine_info(), "eta": ETA}
+    name = "star_svd_quick" if args.quick else "star_svd"
+    previous = _bench.RESULTS / f"{name}.json"
+    report: dict[str, Any] = json.loads(previous.read_text()) if args.update and previous.exists() else {}
+    report.update(eta=ETA, **{f"machine_start_{'_'.join(sorted(sections))}": _bench.machine_info()})
     if "kernel" in sections:
         report["kernel"] = bench_kernel(sizes, args.repeats)
     if "accuracy" in sections:
@@ -424,8 +437,8 @@ def main() -> None:
         report["merge"] = bench_merge(MERGE_SHAPES[args.merge_model], 4, args.merge_repeats)
     if "lora" in sections:
         report["lora_4096_rank16"] = bench_lora(max(1, args.repeats - 1))
-    report["machine_end"] = _bench.machine_info()
-    print(f"wrote {_bench.write_result('star_svd_quick' if args.quick else 'star_svd', report)}")
+    report[f"machine_end_{'_'.join(sorted(sections))}"] = _bench.machine_info()
+    print(f"wrote {_bench.write_result(name, report)}")
 
 
 if __name__ == "__main__":

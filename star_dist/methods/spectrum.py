@@ -36,9 +36,9 @@ ValuesMethod = Literal["gram", "svd"]
 
 _U32 = float(torch.finfo(torch.float32).eps) / 2  # unit roundoff of float32
 _EPS64 = float(torch.finfo(torch.float64).eps)
-# Σ_i |σ̂_i − σ_i| of LAPACK's float32 values-only SVD, over k·u32·‖τ‖_F: measured ≤ 0.2 on
-# 512² to 2048² and 1024×4096 flat, low-rank + noise, power-law and rank-8 matrices
-# (scripts/bench/star_svd.py, "reference_value_error"); the window allows 10× that.
+# Σ_i |σ̂_i − σ_i| of LAPACK's float32 values-only SVD, over k·u32·‖τ‖_F: measured ≤ 0.26 on
+# 512² to 2048², 1024×4096 and 4096×1024, flat, low-rank + noise, power-law and rank-deficient
+# matrices (scripts/bench/star_svd.py, "svd32_sum_abs_err_over_k_u32_fro"); allowed: 2, ~8×.
 _REFERENCE_ERROR = 2.0
 _POWER_STEPS = 8  # for `looks_flat`'s estimate of ‖τ‖_2²
 
@@ -127,7 +127,7 @@ def rank_window(values: torch.Tensor, shape: tuple[int, ...], eta: float) -> flo
 
     Three parts, each an upper bound of |error| of a partial sum σ_1+…+σ_i, and the target
     η/100·Σσ carries the first two scaled by η/100:
-    * the reference values: Σ|σ̂ − σ| ≤ 2·k·u32·‖τ‖_F (measured ≤ 0.2·k·u32·‖τ‖_F);
+    * the reference values: Σ|σ̂ − σ| ≤ 2·k·u32·‖τ‖_F (measured ≤ 0.26·k·u32·‖τ‖_F);
     * ours: G carries an error δ ≤ (max(m, n) + k)·eps64·‖τ‖_F² (the GEMM's and eigvalsh's
       backward errors), and |√(λ + δ) − √λ| ≤ min(√δ, δ/σ) per value;
     * float32 rounding in the rule: the cumulative sum (rounded once), the sum (a cascade,

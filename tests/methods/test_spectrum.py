@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from star_dist.methods import Star, StarParams, dense
-from star_dist.methods.spectral import gram_side, kept_rank, singular_values
-from star_dist.methods.spectrum import certified_rank, gram_values, rank_window, star_spectrum
+from star_dist.methods.spectral import gram_side, kept_rank, singular_values, top_factors
+from star_dist.methods.spectrum import certified_rank, gram_values, looks_flat, rank_window, star_spectrum
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 
@@ -115,3 +115,17 @@ def test_star_device_parameter_computes_there_and_returns_home() -> None:
     expected, expected_stats = Star().transform(tau)
     assert update.left.device == tau.device and stats == expected_stats
     assert torch.equal(dense(update), dense(expected))
+
+
+def test_flat_spectra_take_one_eigh_with_the_same_result() -> None:
+    flat, decaying = kinds(96, 64, seed=3)["flat"], kinds(96, 64, seed=3)["power_law"]
+    assert looks_flat(gram_side(flat)) and not looks_flat(gram_side(decaying))
+    spectrum = star_spectrum(flat, 40)
+    assert spectrum.side is not None and spectrum.side.vectors is not None  # values and vectors from one eigh
+    assert torch.allclose(spectrum.values, gram_values(gram_side(flat)), rtol=1e-12, atol=1e-12)
+    info: dict = {}
+    left, right = top_factors(flat, spectrum.rank, "auto", spectrum.values, info, side=spectrum.side)
+    assert info["route"] == "gram"
+    u, s, vh = torch.linalg.svd(flat.double(), full_matrices=False)
+    r = spectrum.rank
+    assert (left @ right - (u[:, :r] * s[:r]) @ vh[:r]).abs().max() <= 1e-10 * s[0]

@@ -55,6 +55,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     _runtime_args(g)
     g.add_argument("--device", choices=list(DEVICES), default=RunOptions.device, help="where workers compute")
+    _memory_arg(g)
     g.add_argument("--threads-per-worker", type=int, default=RunOptions.threads_per_worker,
                    help="torch threads per CPU worker (default 1); the output bytes depend on it")
     g.add_argument("--connect-timeout", type=float, default=RunOptions.connect_timeout_s,
@@ -65,6 +66,13 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--verify-resume", action="store_true",
                    help="re-hash the shards an earlier run finished before keeping them (in the workers, in "
                         "parallel); by default a shard whose manifest, size and mtime match is kept")
+
+
+def _memory_arg(group: Any) -> None:
+    group.add_argument("--max-memory-per-worker", metavar="SIZE",
+                       help="memory one worker may use on its device, e.g. 22GiB (default: what the device has, "
+                            "as accelerate reports it); a tensor over it on a GPU merges on the CPU, and plan "
+                            "fails when one fits nowhere")
 
 
 def _runtime_args(group: argparse._ArgumentGroup) -> None:
@@ -135,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     plan.add_argument("--threads-per-worker", type=int, default=RunOptions.threads_per_worker)
     plan.add_argument("--device", choices=list(DEVICES), default=RunOptions.device)
+    _memory_arg(plan)
     _runtime_args(plan.add_argument_group("execution (what plan would choose)"))
 
     _verify_parser(sub)
@@ -230,7 +239,17 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         start_timeout_s=getattr(args, "start_timeout", defaults.start_timeout_s),
         verify_resume=getattr(args, "verify_resume", defaults.verify_resume),
         verify=not getattr(args, "no_verify", False),
+        max_memory_per_worker=_memory_size(getattr(args, "max_memory_per_worker", None)),
     )
+
+
+def _memory_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ConfigError:
+        raise ConfigError(f"--max-memory-per-worker {text!r}: use a number with a unit, e.g. 22GiB, 500MB") from None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -364,10 +383,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"peak memory {human_bytes(summary['peak_memory_per_worker_bytes'])} per worker (estimate)")
     if summary.get("peak_memory_note"):
         print(f"            {summary['peak_memory_note']}")
+    if summary.get("estimate"):
+        _print_estimate(summary["estimate"])
     print(f"runtime     {summary['runtime']['runtime']}: {summary['runtime']['reason']}")
     for warning in summary["warnings"]:
         print(f"warning     {warning}")
     return 0
+
+
+def _print_estimate(est: dict[str, Any]) -> None:
+    """The cost model's numbers (estimate.py), per worker, with the rates they assume."""
+    cpu, gpu = est["cpu"], est["gpu"]
+    budget = (f"budget {human_bytes(est['budget_bytes'])} ({est['budget_source']})" if est["budget_bytes"]
+              else f"budget {est['budget_source']}")
+    print(f"  on CPU    {human_bytes(cpu['peak_device_bytes'])} RAM per worker")
+    print(f"  on GPU    {human_bytes(gpu['peak_device_bytes'])} GPU + {human_bytes(gpu['peak_host_bytes'])} host "
+          f"RAM per worker; {budget}")
+    print(f"SVD FLOPs   {est['svd_flops']:.3g} (Gram matrices + eigenvalues; keeping the top r adds more)")
+    for where in (cpu, gpu):
+        print(f"time        {_duration(where['seconds'])} on {est['workers']} worker(s) at "
+              f"{where['rates']['label']}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def runtime_summary(plan: Any, options: RunOptions) -> dict[str, Any]:

@@ -583,6 +583,7 @@ class RunOptions:
     start_timeout_s: float = 300.0  # fail when no worker has started for this long
     verify_resume: bool = False  # re-hash finished shards before trusting them (in the workers)
     verify: bool = True  # check the output against its config.json's architecture when done
+    max_memory_per_worker: int | None = None  # bytes on the compute device; None: what the device has
 
     def __post_init__(self) -> None:
         problems = run_option_problems(self)
@@ -601,6 +602,9 @@ def run_option_problems(options: RunOptions) -> list[str]:
             problems.append(f"{name} {getattr(options, name)!r} is not one of {', '.join(allowed)}")
     if not _positive_int(options.max_shard_size):
         problems.append(f"max_shard_size must be a positive number of bytes, got {options.max_shard_size!r}")
+    if options.max_memory_per_worker is not None and not _positive_int(options.max_memory_per_worker):
+        problems.append("max_memory_per_worker must be a positive number of bytes, got "
+                        f"{options.max_memory_per_worker!r}")
     if options.workers is not None and not _positive_int(options.workers):
         problems.append(f"workers must be at least 1 (or None: one per GPU or CPU group), got {options.workers!r}")
     if not _positive_int(options.threads_per_worker):

@@ -11,7 +11,9 @@ when that fits (with a note), else the plan fails naming the tensor.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,26 +104,28 @@ class Estimate:
                 "routed_to_cpu": list(self.routed_to_cpu)}
 
 
-def working_set(work: TensorWork, method: str, streaming: bool, n_models: int) -> int:
+def working_set(work: TensorWork, method: Any, n_models: int) -> int:
     """Peak bytes on the compute device while merging one tensor.
 
     Args:
         work: the tensor.
-        method: the merge method's name (spectral ones add the float64 Gram matrix).
-        streaming: whether the method sees one task vector at a time.
+        method: the merge method (a `MergeMethod`); one that states its own `working_bytes`
+            (TSV-M, Iso) is asked, the others follow the copies scripts/bench/memory.py measured.
         n_models: how many fine-tunes are merged.
     Returns:
-        Bytes, from the copies scripts/bench/memory.py measured.
+        Bytes.
     """
     f32 = 4 * work.numel
     if not work.merge:
         return work.bytes_out
-    if method in SPECTRAL_METHODS and len(work.shape) == 2:
+    if hasattr(method, "working_bytes"):
+        return int(method.working_bytes(work.shape, n_models))
+    if method.name in SPECTRAL_METHODS and len(work.shape) == 2:
         if all(r is not None for r in work.ranks):  # factor-wise: only the dense output is m×n
             m, n = work.shape
             return int(3 * f32 + 32 * (m + n) * sum(r or 0 for r in work.ranks))
         return int(SPECTRAL_COPIES * f32 + 8 * min(work.shape) ** 2)
-    if streaming:
+    if method.streaming:
         return int(STREAMING_COPIES * f32)
     return int(JOINT_BASE_COPIES * f32 + JOINT_PER_MODEL_COPIES * f32 / max(n_models, 1))
 
@@ -148,18 +152,24 @@ def spectral_flops(work: TensorWork) -> tuple[float, float]:
     return gemm, eig
 
 
-def measured_cpu_rates(size: int = 384) -> Rates:
-    """This machine's CPU rates for one worker, from a probe of ~0.1 s (float64 GEMM and
-    eigvalsh at `size`, with torch's current threads); disk rates are assumed, not probed."""
+@functools.lru_cache(maxsize=4)
+def measured_cpu_rates(threads: int = 1, size: int = 256) -> Rates:
+    """One CPU worker's rates on this machine, from a probe of a few milliseconds (float64
+    GEMM and eigvalsh at `size` with `threads` torch threads, as a worker runs); disk rates
+    are assumed, not probed."""
     import torch
 
     a = torch.randn(size, size, dtype=torch.float64)
     sym = a @ a.T
-    gemm_s = _best_of(lambda: a @ a, 3)
-    eig_s = _best_of(lambda: torch.linalg.eigvalsh(sym), 2)
-    threads = torch.get_num_threads()
-    return Rates(f"this machine's CPU ({threads} thread(s), measured: GEMM, eigvalsh; disk assumed 1 GB/s read, "
-                 "0.5 GB/s write)", 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, 1e9, 0.5e9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gemm_s = _best_of(lambda: a @ a, 3)
+        eig_s = _best_of(lambda: torch.linalg.eigvalsh(sym), 2)
+    finally:
+        torch.set_num_threads(before)
+    return Rates(f"this machine's CPU ({threads} thread(s) per worker, measured: GEMM, eigvalsh; disk assumed "
+                 "1 GB/s read, 0.5 GB/s write)", 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, 1e9, 0.5e9)
 
 
 def _best_of(call: Any, repeats: int) -> float:
@@ -185,23 +195,31 @@ def default_budget(device: str) -> tuple[int | None, str]:
     return gpu, "GPU 0 of this machine"
 
 
+@functools.lru_cache(maxsize=1)
 def _max_memory() -> dict[Any, int]:
-    try:
-        from accelerate.utils import get_max_memory
-    except ImportError:  # accelerate is optional: fall back to what torch and the OS say
-        return _max_memory_without_accelerate()
-    return dict(get_max_memory())
-
-
-def _max_memory_without_accelerate() -> dict[Any, int]:
-    import os
-
+    """Memory per device, as accelerate reports it on a GPU machine; on a CPU-only one the
+    same number (available RAM) without importing accelerate (0.3 s on every plan)."""
     import torch
 
-    memory: dict[Any, int] = {"cpu": os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")}
+    if torch.cuda.is_available():
+        try:
+            from accelerate.utils import get_max_memory
+        except ImportError:
+            pass
+        else:
+            return dict(get_max_memory())
+    memory: dict[Any, int] = {"cpu": _available_ram()}
     for index in range(torch.cuda.device_count()):
         memory[index] = torch.cuda.mem_get_info(index)[0]
     return memory
+
+
+def _available_ram() -> int:
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
 
 
 def place_tensors(needs: dict[str, int], device: str, budget: int | None, cpu_budget: int | None) -> tuple[str, ...]:
@@ -224,9 +242,9 @@ def place_tensors(needs: dict[str, int], device: str, budget: int | None, cpu_bu
         if device != "cpu" and (cpu_budget is None or need <= cpu_budget):
             routed.append(name)
             continue
-        where = "CPU" if device == "cpu" else f"{device} or the CPU"
+        where = "on the CPU" if device == "cpu" else f"on {device}, and the CPU has {_gib(cpu_budget or 0)}"
         raise ConfigError(f"tensor {name} needs about {_gib(need)} to merge, more than the {_gib(budget)} "
-                          f"per worker on {where}: raise --max-memory-per-worker or use machines with more memory")
+                          f"per worker {where}: raise --max-memory-per-worker or use machines with more memory")
     return tuple(routed)
 
 
@@ -247,27 +265,27 @@ class _Totals:
                 + self.written / rates.write_bps) / max(workers, 1)
 
 
-def estimate(works: list[TensorWork], method: str, streaming: bool, workers: int, device: str,
+def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
              budget: int | None = None, cpu_budget: int | None = None,
-             cpu_rates: Rates | None = None) -> Estimate:
+             cpu_rates: Rates | None = None, threads: int = 1) -> Estimate:
     """The whole merge's cost per worker on the CPU and on a GPU, and where each tensor runs.
 
     Args:
         works: every output tensor.
-        method: the merge method's name.
-        streaming: whether it sees one task vector at a time.
+        method: the merge method (a `MergeMethod`).
         workers: how many workers share the work (time divides by it; memory does not).
         device: "cpu", "cuda" or "auto".
         budget: bytes per worker the user allows on the compute device; None: `default_budget`.
         cpu_budget: host RAM per worker for tensors routed off a GPU; None: `default_budget`.
-        cpu_rates: the CPU's rates (default: measured now).
+        cpu_rates: the CPU's rates (default: measured now with `threads` threads).
+        threads: torch threads per CPU worker.
     Returns:
         The estimate.
     Raises:
         ConfigError: a tensor fits nowhere.
     """
     n_models = max((len(w.ranks) for w in works), default=1)
-    needs = {w.name: working_set(w, method, streaming, n_models) for w in works if w.merge}
+    needs = {w.name: working_set(w, method, n_models) for w in works if w.merge}
     target = "cpu" if device == "cpu" else "cuda"
     budget, source = (budget, "--max-memory-per-worker") if budget is not None else default_budget(target)
     if cpu_budget is None:
@@ -277,7 +295,7 @@ def estimate(works: list[TensorWork], method: str, streaming: bool, workers: int
     totals = _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
                      sum(w.bytes_read for w in works), sum(w.bytes_out for w in works))
     peak = max(needs.values(), default=0)
-    rates = cpu_rates or measured_cpu_rates()
+    rates = cpu_rates or measured_cpu_rates(threads)
     cpu = DeviceEstimate("cpu", peak, peak, totals.seconds(rates, workers), rates)
     gpu = DeviceEstimate("cuda", max((v for k, v in needs.items() if k not in routed), default=0),
                          _gpu_host_bytes(works, needs, routed), totals.seconds(GPU_RATES, workers), GPU_RATES)

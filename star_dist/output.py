@@ -161,7 +161,7 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -
         changes.append(f"star_dist version {old.get('star_dist')} -> {new.get('star_dist')}")
     if old.get("format") != new.get("format"):
         return [*changes, "it was written by another star_dist version"]
-    for key, words in (("config", "the merge config changed"), ("settings", "--threads-per-worker or --device changed"),
+    for key, words in (("config", "the merge config changed"), ("settings", "--threads-per-worker changed"),
                        ("shards", "the shard layout changed (--max-shard-size or the tensors)"),
                        ("lora", "a LoRA adapter's scale changed")):
         if old.get(key) != new.get(key):

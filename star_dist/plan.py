@@ -7,6 +7,7 @@ shards, so the output does not depend on how many workers run it or in which ord
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,12 +21,12 @@ import torch
 from .checkpoint import Checkpoint, resolve_model_folder
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import ConfigError, InputError
-from .estimate import SPECTRAL_METHODS
+from .estimate import SPECTRAL_METHODS, Estimate, TensorWork, estimate
 from .hub import HubFile, content_id, hub_files, is_hub_id
 from .inputs import FullInput, LoraAdapter, LoraSource, absolute_source, open_input
 from .lora import ADAPTER_FILE
 from .mergekit_params import TensorParams, count_layers, resolve_tensor_params
-from .methods import FoldMethod, MergeMethod, get_method
+from .methods import MergeMethod, get_method
 from .output import package_version
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 from .verify import checked_base
@@ -46,6 +47,7 @@ class TensorJob:
     merge: bool  # False: a non-float tensor, copied from the base
     adapter: bool = False  # True: the output is this module's merged LoRA factors
     params: TensorParams | None = None  # mergekit per-tensor values (gradients, filters); None: the shard's
+    device: str | None = None  # "cpu": too big for the GPU budget (see estimate.py); None: the shard's
 
     @property
     def out_bytes(self) -> int:
@@ -96,6 +98,7 @@ class MergePlan:
     peak_memory_per_worker: int
     identity: dict[str, Any] = field(default_factory=dict)  # what the fingerprint covers, part by part
     warnings: list[str] = field(default_factory=list)
+    estimate: Estimate | None = None  # memory per device, FLOPs, bytes and time (estimate.py)
     local_files: dict[str, int] = field(default_factory=dict)  # input files read by path: absolute path -> size
 
     @property
@@ -133,6 +136,7 @@ class MergePlan:
             "bytes_to_write": self.bytes_out,
             "svds": self.n_svds,
             "peak_memory_per_worker_bytes": self.peak_memory_per_worker,
+            "estimate": self.estimate.to_dict() if self.estimate else None,
             "fingerprint": self.fingerprint,
             "warnings": self.warnings,
             **_memory_note(self.config.merge_method),
@@ -151,26 +155,68 @@ def natural_key(name: str) -> list[Any]:
 
 
 def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) -> MergePlan:
-    """Index every input from its headers, check they agree, and cut the output into shards."""
+    """Index every input from its headers, check they agree, cut the output into shards, and
+    state what the merge will cost (memory per device, FLOPs, bytes, time).
+
+    Args:
+        config: the validated merge config.
+        out_dir: the output folder (made absolute, symlinks kept).
+        options: how it will run (shard size, device, memory budget, workers).
+    Returns:
+        The plan; nothing is written.
+    Raises:
+        StarDistError: an input that is missing, inconsistent, or a tensor that fits no device.
+    """
     method = get_method(config.merge_method, config.method_params(), config.model_method_params())
     out_dir = Path(os.path.abspath(out_dir))  # absolute and normalized, not resolved: symlinks stay
-    base = Checkpoint.from_folder(config.base_model, resolve_model_folder(absolute_source(config.base_model)))
-    base = checked_base(base)  # against its own config.json, from headers
-    inputs = [open_input(m.model, base) for m in config.models]
-    weights = tuple(method.resolve_weights(config.model_weights()))
-    out_dtype_code = DTYPE_NAMES[config.output_dtype] if config.output_dtype else None
-    if out_dtype_code:
-        _check_base_config(base)
+    base, inputs = _open_inputs(config, method)
+    tensor_jobs = _tensor_jobs(config, base, inputs)
+    cost = estimate(_works(tensor_jobs), method, options.workers or 1, options.device,
+                    options.max_memory_per_worker, threads=options.threads_per_worker)
+    groups = _group_tensors(config, _placed(tensor_jobs, cost.routed_to_cpu), options.max_shard_size)
+    hub = _hub_files(config, base, inputs)
+    identity = plan_identity(config, options, base, inputs, groups, hub)
+    shards = _shard_jobs(config, method, groups, out_dir, options, identity["fingerprint"], hub)
+    return MergePlan(
+        config=config,
+        out_dir=out_dir,
+        base=base,
+        inputs=inputs,
+        shards=shards,
+        fingerprint=identity["fingerprint"],
+        identity=identity,
+        n_svds=sum(_cost(list(s.tensors), config.merge_method)[1] for s in shards),
+        peak_memory_per_worker=cost.cpu.peak_device_bytes if options.device == "cpu" else cost.gpu.peak_device_bytes,
+        estimate=cost,
+        warnings=[*base.notes, *(n for inp in inputs if isinstance(inp, FullInput) for n in inp.checkpoint.notes),
+                  *(f"{name} does not fit the GPU budget: merged on the CPU" for name in cost.routed_to_cpu)],
+        local_files={f: os.stat(f).st_size for f in sorted(_files_of(tensor_jobs)) if f not in hub},
+    )
 
+
+def _open_inputs(config: MergeConfig, method: MergeMethod) -> tuple[Checkpoint, list[FullInput | LoraAdapter]]:
+    """The base (checked against its own config.json) and every model, from headers."""
+    base = Checkpoint.from_folder(config.base_model, resolve_model_folder(absolute_source(config.base_model)))
+    base = checked_base(base)
+    inputs = [open_input(m.model, base) for m in config.models]
+    if config.output_dtype:
+        _check_base_config(base)
     if config.output_format == "adapter":
         check_adapter_output(config, method, inputs)
-    tensor_jobs: list[TensorJob] = []
-    n_layers = count_layers(base.tensors)  # mergekit's gradients run over the layer index
+    n_layers = count_layers(base.tensors)
     if config.layer_range is not None and config.layer_range != (0, n_layers):
         raise ConfigError(
             f"slices: layer_range {list(config.layer_range)} is not the whole model ([0, {n_layers}] for "
             f"{config.base_model}); star_dist merges whole models only"
         )
+    return base, inputs
+
+
+def _tensor_jobs(config: MergeConfig, base: Checkpoint, inputs: list[FullInput | LoraAdapter]) -> list[TensorJob]:
+    """One job per base tensor, grouped by the base file it lives in; no model may add one."""
+    out_dtype_code = DTYPE_NAMES[config.output_dtype] if config.output_dtype else None
+    n_layers = count_layers(base.tensors)  # mergekit's gradients run over the layer index
+    jobs = []
     for name in sorted(base.tensors, key=_by_input_file(base)):
         entry = base.tensors[name]
         sources = tuple(inp.source_for(name, entry) for inp in inputs)
@@ -180,61 +226,60 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         out_dtype = (out_dtype_code or entry.dtype) if merge else entry.dtype
         params = (resolve_tensor_params(config, config.merge_method, name, n_layers)
                   if merge and config.per_tensor else None)
-        tensor_jobs.append(TensorJob(name, entry.shape, out_dtype, entry, sources, merge, params=params))
+        jobs.append(TensorJob(name, entry.shape, out_dtype, entry, sources, merge, params=params))
     for inp in inputs:
         inp.check_no_extra(set(base.tensors))
+    return jobs
 
-    if config.output_format == "adapter":  # one PEFT file: only the modules some adapter adapts
-        adapted = [t for t in tensor_jobs if any(isinstance(s, LoraSource) for s in t.models)]
-        groups = [[_as_adapter_job(t, out_dtype_code) for t in adapted]]
-    else:
-        groups = _pack_shards(tensor_jobs, options.max_shard_size)
-    svd_ops = 0
-    shards_draft = []
-    for tensors in groups:
-        cost, n_svd = _cost(tensors, config.merge_method)
-        svd_ops += n_svd
-        shards_draft.append((tensors, cost))
-    hub = _hub_files(config, base, inputs)
-    identity = plan_identity(config, options, base, inputs, groups, hub)
-    fingerprint = identity["fingerprint"]
-    n = len(groups)
-    shards = [
+
+def _works(jobs: list[TensorJob]) -> list[TensorWork]:
+    """The tensors as the cost model sees them."""
+    return [TensorWork(j.name, j.shape, j.merge, tuple(s.rank if isinstance(s, LoraSource) else None
+                                                       for s in j.models if s is not None),
+                       _bytes_read(j), j.out_bytes) for j in jobs]
+
+
+def _placed(jobs: list[TensorJob], on_cpu: tuple[str, ...]) -> list[TensorJob]:
+    """The jobs, those too big for the GPU budget marked to run on the CPU."""
+    routed = set(on_cpu)
+    return [dataclasses.replace(j, device="cpu") if j.name in routed else j for j in jobs]
+
+
+def _group_tensors(config: MergeConfig, jobs: list[TensorJob], max_shard_size: int) -> list[list[TensorJob]]:
+    """Output shards: byte-sized groups, or one PEFT file of the modules some adapter adapts."""
+    if config.output_format != "adapter":
+        return _pack_shards(jobs, max_shard_size)
+    out_dtype_code = DTYPE_NAMES[config.output_dtype] if config.output_dtype else None
+    adapted = [t for t in jobs if any(isinstance(s, LoraSource) for s in t.models)]
+    return [[_as_adapter_job(t, out_dtype_code) for t in adapted]]
+
+
+def _shard_jobs(config: MergeConfig, method: MergeMethod, groups: list[list[TensorJob]], out_dir: Path,
+                options: RunOptions, fingerprint: str, hub: dict[str, HubFile]) -> list[ShardJob]:
+    """The picklable unit of work for each group of tensors."""
+    return [
         ShardJob(
             index=i,
-            file_name=_shard_name(config.output_format, i, n),
+            file_name=_shard_name(config.output_format, i, len(groups)),
             tensors=tuple(tensors),
             method=config.merge_method,
             method_params=tuple(sorted(config.method_params().items())),
             model_params=tuple(tuple(sorted(p.items())) for p in config.model_method_params()),
-            weights=weights,
+            weights=tuple(method.resolve_weights(config.model_weights())),
             lambda_=config.lambda_,
             compute_dtype=config.compute_dtype,
             out_dir=str(out_dir),
             threads=options.threads_per_worker,
             device=options.device,
             fingerprint=fingerprint,
-            cost=cost,
+            cost=_cost(tensors, config.merge_method)[0],
             bytes_read=sum(_bytes_read(t) for t in tensors),
             bytes_out=sum(t.out_bytes for t in tensors),
             output_format=config.output_format,
             hub_files=tuple(hub[f] for f in sorted(_files_of(tensors)) if f in hub),
         )
-        for i, (tensors, cost) in enumerate(shards_draft)
+        for i, tensors in enumerate(groups)
     ]
-    return MergePlan(
-        config=config,
-        out_dir=out_dir,
-        base=base,
-        inputs=inputs,
-        shards=shards,
-        fingerprint=fingerprint,
-        identity=identity,
-        n_svds=svd_ops,
-        peak_memory_per_worker=_peak_memory(tensor_jobs, method, len(inputs)),
-        warnings=[*base.notes, *(n for inp in inputs if isinstance(inp, FullInput) for n in inp.checkpoint.notes)],
-        local_files={f: os.stat(f).st_size for f in sorted(_files_of(tensor_jobs)) if f not in hub},
-    )
 
 
 def _by_input_file(base: Checkpoint) -> Any:
@@ -394,25 +439,10 @@ def _cost(tensors: list[TensorJob], method: str) -> tuple[float, int]:
     return cost, svds
 
 
-def _peak_memory(jobs: list[TensorJob], method: MergeMethod, n_models: int) -> int:
-    """Bytes one worker holds at its peak: a few float32 copies of the largest tensor.
-
-    Streaming methods hold the base, the accumulator, one task vector, its float32 copy
-    and SVD workspace: about 7 copies at the peak (5.7-7 measured by scripts/bench/memory.py
-    for N = 2..8). TIES holds the base, row blocks of all N task vectors sized to 2 copies
-    together, and about 5 block-sized temporaries: 4 + 12/N copies (measured 9.5, 6.8, 6.0
-    for N = 2, 4, 8). Fold methods (TSV-M, Iso) state their own (`FoldMethod.working_bytes`).
-    """
-    if not jobs:
-        return 0
-    if isinstance(method, FoldMethod):
-        return max((method.working_bytes(j.shape, n_models) for j in jobs if j.merge), default=0)
-    largest = max(j.base.numel for j in jobs if j.merge) if any(j.merge for j in jobs) else 0
-    f32 = 4 * largest
-    if method.streaming:
-        gram = max((8 * min(j.shape) ** 2 for j in jobs if len(j.shape) == 2), default=0)
-        return 7 * f32 + gram
-    return 4 * f32 + 12 * f32 // max(n_models, 1)
+# The layout of this identity and the numerics behind the bytes: bump it whenever the same
+# inputs would give other bytes (4: STAR's values from the float64 Gram matrix), so a resume
+# never mixes shards computed by two versions of a kernel.
+FORMAT = 4
 
 
 def plan_identity(
@@ -447,7 +477,7 @@ def plan_identity(
         "files": files,
         "shards": _digest([[t.name for t in g] for g in groups]),
         "lora": _digest([inp.scales() for inp in inputs if isinstance(inp, LoraAdapter)]),
-        "format": 3,
+        "format": FORMAT,
     }
     return {**parts, "fingerprint": _digest(parts)}
 

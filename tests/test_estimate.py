@@ -20,6 +20,7 @@ from star_dist.estimate import (
     spectral_flops,
     working_set,
 )
+from star_dist.methods import get_method
 from star_dist.tiny_models import LLAMA_70B, llama_shapes, save_sparse_model
 
 FIXED_RATES = Rates("fixed for the test", 1e11, 1e10, 1e9, 1e9)
@@ -61,28 +62,32 @@ def test_spectral_flops_count_the_gram_side_and_the_lora_factors() -> None:
 def test_working_sets_follow_the_method() -> None:
     embed = _work(EMBED, ranks=(None,) * 12)
     f32 = 4 * math.prod(EMBED)
-    star = working_set(embed, "star", True, 12)
-    assert star > 7 * f32  # τ and its copies, plus the 8192² float64 Gram matrix
-    assert working_set(embed, "task_arithmetic", True, 12) < star
-    assert working_set(embed, "ties", False, 2) > working_set(embed, "ties", False, 12)
-    lora = working_set(_work((4096, 4096), ranks=(16,) * 12), "star", True, 12)
-    assert lora < working_set(_work((4096, 4096), ranks=(None,) * 12), "star", True, 12)
+    star, ties = get_method("star"), get_method("ties")
+    assert working_set(embed, star, 12) > 7 * f32  # τ and its copies, plus the 8192² float64 Gram matrix
+    assert working_set(embed, get_method("task_arithmetic"), 12) < working_set(embed, star, 12)
+    assert working_set(embed, ties, 2) > working_set(embed, ties, 12)
+    lora = working_set(_work((4096, 4096), ranks=(16,) * 12), star, 12)
+    assert lora < working_set(_work((4096, 4096), ranks=(None,) * 12), star, 12)
+    tsv = get_method("tsv")  # a method that states its own working set is asked
+    assert working_set(embed, tsv, 12) == tsv.working_bytes(EMBED, 12)
 
 
 def test_a_tensor_too_big_for_the_gpu_goes_to_the_cpu_or_the_plan_fails() -> None:
     needs = {"model.embed_tokens.weight": 30 * 2**30, "model.norm.weight": 2**20}
     assert place_tensors(needs, "cuda", 24 * 2**30, 100 * 2**30) == ("model.embed_tokens.weight",)
     assert place_tensors(needs, "cuda", None, 100 * 2**30) == ()  # budget unknown: nothing to check
-    with pytest.raises(ConfigError, match=r"tensor model\.embed_tokens\.weight needs about 30\.00 GiB .* 24\.00 GiB"):
+    too_big = (r"tensor model\.embed_tokens\.weight needs about 30\.00 GiB .* 24\.00 GiB per worker on cuda, "
+               r"and the CPU has 16\.00")
+    with pytest.raises(ConfigError, match=too_big):
         place_tensors(needs, "cuda", 24 * 2**30, 16 * 2**30)
-    with pytest.raises(ConfigError, match="per worker on CPU"):
+    with pytest.raises(ConfigError, match="per worker on the CPU"):
         place_tensors(needs, "cpu", 16 * 2**30, 16 * 2**30)
 
 
 def test_estimate_of_a_70b_star_merge_of_12() -> None:
     works = [TensorWork(n, s, True, (None,) * 12, 13 * 2 * math.prod(s), 2 * math.prod(s))
              for n, s in llama_shapes(LLAMA_70B).items()]
-    est = estimate(works, "star", True, workers=8, device="cuda", budget=22 * 2**30,
+    est = estimate(works, get_method("star"), workers=8, device="cuda", budget=22 * 2**30,
                    cpu_budget=64 * 2**30, cpu_rates=FIXED_RATES)
     assert set(est.routed_to_cpu) == {"model.embed_tokens.weight", "lm_head.weight"}  # 128256 × 8192
     assert est.gpu.peak_device_bytes <= 22 * 2**30 < est.cpu.peak_device_bytes
@@ -98,6 +103,6 @@ def test_estimate_of_a_70b_star_merge_of_12() -> None:
 
 
 def test_the_cpu_probe_measures_finite_positive_rates() -> None:
-    rates = measured_cpu_rates(size=128)
+    rates = measured_cpu_rates(1, size=128)
     assert 1e6 < rates.gemm_flops < 1e14 and 1e5 < rates.eig_flops < 1e14
     assert "measured" in rates.label

@@ -31,7 +31,11 @@ class RuntimeChoice:
 
 
 def estimate_seconds(plan: MergePlan, threads: int) -> float:
-    """Single-worker wall time of the plan's work, from its cost units and bytes moved."""
+    """Single-worker wall time of the plan's work on the CPU: the cost model's (estimate.py,
+    FLOPs at this CPU's measured rates plus bytes moved) when the plan has one, else from
+    the shards' cost units and bytes, calibrated on scripts/bench/scaling.py."""
+    if plan.estimate is not None:
+        return plan.estimate.cpu.seconds * plan.estimate.workers
     cost = sum(job.cost for job in plan.shards)
     return cost / (COST_UNITS_PER_S * threads) + (plan.bytes_read + plan.bytes_out) / IO_BYTES_PER_S
 

@@ -19,6 +19,7 @@ from .errors import DataError, MergeError
 from .lora import LoraSource
 from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
+from .methods.linear import FusedSum
 from .plan import Source, TensorJob
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
@@ -88,6 +89,16 @@ class TensorMerger:
             return self.reader.read(job.base), {"method": "copy"}
         # Never compute below the inputs' precision: float64 tensors stay float64.
         self.dtype = torch.float64 if job.base.dtype == "F64" else self.config_dtype
+        if self._fusable(job):
+            out, per_model = self._merge_fused(job), []
+        else:
+            out, per_model = self._merge_unfused(job)
+        report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
+        report.update(_collate(per_model))
+        return out, report
+
+    def _merge_unfused(self, job: TensorJob) -> tuple[torch.Tensor, list[dict[str, Any] | None]]:
+        """Whole-tensor passes: any method, any device, LoRA sources."""
         base = self._load(job.base, job.name)  # (shape), compute dtype
         if isinstance(self.method, StreamingMethod):
             merged, per_model = self._merge_streaming(job, base)
@@ -95,16 +106,35 @@ class TensorMerger:
             merged, per_model = self._merge_joint(job, base), []
         else:  # pragma: no cover - the registry only holds these two kinds
             raise TypeError(type(self.method))
-        if not all_finite(merged):
-            raise DataError(f"tensor {job.name!r}: the merged result has NaN or Inf (check λ and weights)")
         out = merged.to(DTYPES[job.out_dtype][0])
-        if not all_finite(out):
-            raise DataError(
-                f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
-            )
-        report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
-        report.update(_collate(per_model))
-        return out.cpu(), report
+        if not finite(out):  # a NaN or Inf in `merged` stays one in `out`: one check on the happy path
+            if not all_finite(merged):
+                raise DataError(_merged_not_finite(job.name))
+            raise DataError(_overflow(job))
+        return out.cpu(), per_model
+
+    # -- fused: base + λ Σ w_i τ_i in one pass over the mapped inputs --------------------------
+    def _fusable(self, job: TensorJob) -> bool:
+        return (
+            isinstance(self.method, StreamingMethod)
+            and self.method.identity
+            and self.device.type == "cpu"
+            and all(isinstance(src, TensorEntry) for src in job.models)
+        )
+
+    def _merge_fused(self, job: TensorJob) -> torch.Tensor:
+        """`FusedSum` straight from the read-only maps: no float32 copy of any whole input."""
+        entries = [job.base, *job.models]
+        flat = [self.reader.read(entry).reshape(-1) for entry in entries]  # (numel,) stored dtype
+        out = torch.empty(job.base.numel, dtype=DTYPES[job.out_dtype][0])  # (numel,)
+        fused = FusedSum(self.dtype)
+        fused.run(out, flat[0], flat[1:], list(self.weights), self.lambda_)
+        if not (fused.merged_ok and fused.out_ok):
+            for entry, values in zip(entries, flat, strict=True):  # which input, in the unfused order
+                if not all_finite(values):
+                    raise DataError(_input_not_finite(entry, job.name))
+            raise DataError(_merged_not_finite(job.name) if not fused.merged_ok else _overflow(job))
+        return out.view(job.shape)
 
     def _merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """The merged update λ Σ_i w_i f(τ_i) of one LoRA-adapted module as PEFT factors
@@ -181,11 +211,24 @@ class TensorMerger:
         return base
 
     # -- reading -------------------------------------------------------------------------------
-    def _load(self, entry: TensorEntry, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def prefetch(self, job: TensorJob) -> None:
+        """Start reading every input of `job` in the background (kernel readahead)."""
+        for src in (job.base, *job.models):
+            if isinstance(src, LoraSource):
+                self.reader.advise(src.a)
+                self.reader.advise(src.b)
+            elif src is not None:
+                self.reader.advise(src)
+
+    def _load(
+        self, entry: TensorEntry, name: str, rows: tuple[int, int] | None = None, check: bool = True
+    ) -> torch.Tensor:
+        """A private copy in the compute dtype on the device (the read itself is a read-only view);
+        `check=False` for row blocks of a tensor already checked whole."""
         raw = self.reader.read(entry, rows)
         value = raw.to(self.device, self.dtype, copy=True)
-        if not all_finite(value):
-            raise DataError(f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt")
+        if check and not finite(value):
+            raise DataError(_input_not_finite(entry, name))
         return value
 
     def _task_vector(self, src: Source, base: torch.Tensor, name: str) -> TaskVector | None:
@@ -204,7 +247,7 @@ class TensorMerger:
             low = self._lora_factors(src, name)
             left = low.left if rows is None else low.left[rows[0] : rows[1]]
             return left @ low.right  # (rows, n): only this block is formed
-        return self._load(src, name, rows).sub_(base_block)
+        return self._load(src, name, rows, check=False).sub_(base_block)  # checked whole in pass 1
 
     def _lora_factors(self, src: LoraSource, name: str) -> LowRank:
         a = self._load(src.a, name + " (lora_A)")  # (r, in)
@@ -212,6 +255,27 @@ class TensorMerger:
         if src.fan_in_fan_out:  # the base stores (in, out): τ = s·(B A)ᵀ = s·Aᵀ Bᵀ
             return LowRank(a.T.mul(src.scale), b.T.contiguous())
         return LowRank(b.mul_(src.scale), a)
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf: one sum (finite only if every term is), the exact check only when it is not
+    (a NaN, an Inf, or a sum that overflowed). No mask the size of the tensor on the happy path."""
+    if tensor.numel() == 0:
+        return True
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or all_finite(tensor)
+
+
+def _input_not_finite(entry: TensorEntry, name: str) -> str:
+    return f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt"
+
+
+def _merged_not_finite(name: str) -> str:
+    return f"tensor {name!r}: the merged result has NaN or Inf (check λ and weights)"
+
+
+def _overflow(job: TensorJob) -> str:
+    return f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
 
 
 def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:

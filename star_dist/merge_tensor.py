@@ -24,9 +24,9 @@ from .plan import Source, TensorJob
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Row-block size for joint methods: all N models' blocks together hold about as many
-# elements as two copies of the tensor, so memory does not grow with N.
-JOINT_BLOCK_COPIES = 2
+# Row-block size for joint methods: all N models' blocks together hold about this many
+# elements (1 MiB of float32), so a block's work stays in cache and memory does not grow with N.
+JOINT_BLOCK_ELEMENTS = 1 << 18
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -193,15 +193,15 @@ class TensorMerger:
             tau = self._task_vector(src, base, job.name)
             prepared.append(self.method.prepare(dense(tau) if tau is not None else torch.zeros_like(base), i))
             del tau
+        # Entries per row from the shape, not base[0]: a tensor with no rows ((0, n), (0,)) has
+        # no blocks to merge and must not be indexed; a zero-width one ((m, 0)) has empty rows.
+        row_numel = math.prod(base.shape[1:])
         if base.dim() == 0:
             blocks = [None]
         else:
             rows = base.shape[0]
-            step = max(1, (JOINT_BLOCK_COPIES * rows) // max(len(job.models), 1))
+            step = max(1, JOINT_BLOCK_ELEMENTS // max(row_numel * len(job.models), 1))
             blocks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
-        # Entries per row from the shape, not base[0]: a tensor with no rows ((0, n), (0,)) has
-        # no blocks to merge and must not be indexed; a zero-width one ((m, 0)) has empty rows.
-        row_numel = math.prod(base.shape[1:])
         for block in blocks:  # pass 2: the same rows of every model
             base_block = base if block is None else base[block[0] : block[1]]
             taus = [self._task_vector_block(src, base_block, job.name, block) for src in job.models]

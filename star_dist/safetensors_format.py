@@ -302,9 +302,10 @@ class TensorReader:
         return flat.view(shape)
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            with contextlib.suppress(BufferError):  # a tensor still views it; the GC will release it
-                mm.close()
+        """Drop the maps. Never `mmap.close()` them: `torch.frombuffer` keeps a reference to the
+        map but no buffer export, so closing would unmap pages that a tensor still views (a
+        segfault on its next read, e.g. from a traceback's frames). Each map is unmapped when
+        the last tensor viewing it is freed."""
         self._maps.clear()
 
     def __enter__(self) -> TensorReader:

@@ -19,7 +19,7 @@ from .errors import DataError, MergeError
 from .lora import LoraSource
 from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
-from .methods.linear import FusedSum
+from .methods.linear import FusedSum, subtract_upcast
 from .plan import Source, TensorJob
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
@@ -247,7 +247,10 @@ class TensorMerger:
             low = self._lora_factors(src, name)
             left = low.left if rows is None else low.left[rows[0] : rows[1]]
             return left @ low.right  # (rows, n): only this block is formed
-        return self._load(src, name, rows, check=False).sub_(base_block)  # checked whole in pass 1
+        # Checked whole in pass 1; read, upcast and subtract in one pass where that is exact.
+        if self.device.type != "cpu":
+            return self._load(src, name, rows, check=False).sub_(base_block)
+        return subtract_upcast(self.reader.read(src, rows), base_block, torch.empty_like(base_block))
 
     def _lora_factors(self, src: LoraSource, name: str) -> LowRank:
         a = self._load(src.a, name + " (lora_A)")  # (r, in)

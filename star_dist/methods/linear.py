@@ -163,7 +163,7 @@ class FusedSum:
         acc_base.copy_(base)  # (block,) upcast: exact
         acc.zero_()
         for model, weight in zip(models, weights, strict=True):
-            _subtract(model, acc_base, tau)  # τ = W_i − W_base
+            subtract_upcast(model, acc_base, tau)  # τ = W_i − W_base
             acc.add_(tau, alpha=weight)
         acc_base.add_(acc, alpha=lambda_)  # the merged block, compute dtype
         out.copy_(acc_base)  # cast to the output dtype, rounding as `.to` does
@@ -172,10 +172,12 @@ class FusedSum:
             self.out_ok = self.out_ok and bool(torch.isfinite(out).all())
 
 
-def _subtract(model: torch.Tensor, base: torch.Tensor, into: torch.Tensor) -> None:
-    """into = upcast(model) − base: one pass when the upcast is exact (bf16/fp16/same dtype)."""
+def subtract_upcast(model: torch.Tensor, base: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """into = model.to(base.dtype) − base, as those two steps give it, in one pass when the
+    upcast is exact (bf16/fp16 or the same dtype); returns `into`."""
     if model.element_size() <= base.element_size():
         torch.sub(model, base, out=into)
     else:  # a float64 input into float32: round it first, as `.to(float32)` does
         into.copy_(model)
         into.sub_(base)
+    return into

@@ -6,7 +6,7 @@
     .venv/bin/python scripts/bench/compare.py --render   # docs/benchmarks.md + .png from results/compare.json
 
 Every contender runs in its own child process, measured from outside: wall time, CPU time
-(`os.wait4`), peak RSS (`ru_maxrss`) and peak anonymous memory (RssAnon, sampled every 5 ms:
+(`os.wait4`), peak RSS (VmHWM) and peak anonymous memory (RssAnon, both sampled every 5 ms:
 file-backed pages of mapped inputs are page cache, not what a merge holds), plus the machine's
 busy cores while it ran, so others' CPU share is known. Each child also times its own merge
 call (`inner_s`, no interpreter start or imports): ratios are taken on that. Contenders are
@@ -116,18 +116,21 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         raise RuntimeError(f"{cmd[:3]} failed:\n{out_err[1][-3000:]}")
     report = json.loads([ln for ln in out_err[0].splitlines() if ln.startswith("{")][-1])
     cpu = usage.ru_utime + usage.ru_stime
-    return {**report, "wall_s": wall, "cpu_s": cpu, "peak_rss": usage.ru_maxrss * 1024,
+    # ru_maxrss is not used: it counts the parent's pages in the child between fork and exec.
+    return {**report, "wall_s": wall, "cpu_s": cpu, "peak_rss_hwm": peak["hwm"],
             "peak_rss_anon": peak["value"], "busy_cores": load.busy_cores,
             "others_cores": max(0.0, load.busy_cores - cpu / wall), "loadavg": os.getloadavg()[0]}
 
 
 def _sample_rss_anon(pid: int, interval_s: float = 0.005) -> dict[str, Any]:
-    """A thread keeping the largest RssAnon seen of `pid` in the returned dict, until "stop"."""
-    state: dict[str, Any] = {"value": 0, "stop": threading.Event()}
+    """A thread keeping the largest RssAnon and VmHWM seen of `pid` in the returned dict, until "stop"."""
+    state: dict[str, Any] = {"value": 0, "hwm": 0, "stop": threading.Event()}
 
     def loop() -> None:
         while not state["stop"].is_set():
-            state["value"] = max(state["value"], proc_status(pid).get("RssAnon", 0))
+            status = proc_status(pid)
+            state["value"] = max(state["value"], status.get("RssAnon", 0))
+            state["hwm"] = max(state["hwm"], status.get("VmHWM", 0))  # the exec'd program's own peak
             time.sleep(interval_s)
 
     threading.Thread(target=loop, daemon=True).start()
@@ -239,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"round {rnd} {dtype:8s} {contender:10s} {sample['inner_s']:8.2f} s  "
                       f"anon {sample['peak_rss_anon'] / 2**20:7.0f} MiB  others {sample['others_cores']:.2f} cores")
     result["machine"]["star_dist_digest_at_end"] = machine_info()["star_dist_digest"]
+    result["plan_peak_memory"] = plan_estimates(models, args.contenders)
     result["summary"] = summarize(result["samples"])
     return result
 
@@ -253,6 +257,18 @@ def _one(contender: str, models: Path, out: Path, dtype: str, mk_python: Path | 
     return sample
 
 
+def plan_estimates(models: dict[str, Path], contenders: list[str]) -> dict[str, int]:
+    """`star-dist plan`'s peak memory per worker for each star_dist contender (headers only)."""
+    import star_dist
+
+    out = {}
+    for dtype, folder in models.items():
+        for contender in (c for c in contenders if c.startswith("sd_")):
+            config = merge_config(folder, contender.split("_", 1)[1], dtype)
+            out[f"{dtype}/{contender}"] = star_dist.plan(config, "/tmp/unused").peak_memory_per_worker
+    return out
+
+
 def _count_params(models: Path) -> int:
     from star_dist.safetensors_format import read_header
 
@@ -261,13 +277,13 @@ def _count_params(models: Path) -> int:
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians per dtype and contender, and the ratios the targets are stated in."""
-    keys = ("inner_s", "wall_s", "cpu_s", "peak_rss", "peak_rss_anon", "others_cores")
+    keys = ("inner_s", "wall_s", "cpu_s", "peak_rss_hwm", "peak_rss_anon", "others_cores")
     summary: dict[str, Any] = {}
     for dtype in sorted({s["dtype"] for s in samples}):
         rows = {}
         for contender in sorted({s["contender"] for s in samples if s["dtype"] == dtype}):
             mine = [s for s in samples if s["dtype"] == dtype and s["contender"] == contender]
-            rows[contender] = {k: median([s[k] for s in mine]) for k in keys} | {"rounds": len(mine)}
+            rows[contender] = {k: median([s[k] for s in mine]) for k in keys if k in mine[0]} | {"rounds": len(mine)}
         summary[dtype] = {"median": rows, "ratios": _ratios(rows)}
     return summary
 
@@ -297,9 +313,9 @@ def render(result: dict[str, Any], docs: Path) -> Path:
     _plot(result, docs / "benchmarks.png")
     m = result["machine"]
     lines = [
-        "# Benchmarks: star_dist against mergekit and the I/O floor",
+        "## Measured",
         "",
-        "Regenerate (measures, then rewrites this page and the plot):",
+        "Regenerate (measures, then rewrites this section and the plot):",
         "",
         "    nice -n 10 .venv/bin/python scripts/bench/compare.py " + result.get("command", ""),
         "",
@@ -308,34 +324,68 @@ def render(result: dict[str, Any], docs: Path) -> Path:
         f"Model: llama-shaped, {result['params'] / 1e6:.0f}M parameters, base + {result['n_models']} fine-tunes. "
         f"Medians of {_rounds(result)} interleaved rounds; `merge s` is the merge call alone (no "
         "interpreter start or imports), `process s` the whole child process. Memory: peak anonymous "
-        "memory (what the merge allocates; mapped inputs are page cache) and peak RSS. Load average at "
+        "memory (what the merge allocates; mapped inputs are page cache) and peak RSS (VmHWM; n/a in runs made "
+        "before it was sampled). Load average at "
         f"start {m['loadavg_at_start'][0]:.2f}; `others` is the cores other people's jobs used meanwhile.",
         "",
     ]
     for dtype, block in result["summary"].items():
         lines += _table(dtype, block)
+    lines += _plan_lines(result)
     lines += ["![merge time per contender](benchmarks.png)", "",
-              f"Raw samples: `scripts/bench/results/{result.get('name', 'compare')}.json`.", ""]
+              f"Raw samples: `scripts/bench/results/{result.get('name', 'compare')}.json`."]
     path = docs / "benchmarks.md"
-    path.write_text("\n".join(lines))
+    path.write_text(_splice(path.read_text() if path.exists() else "", "\n".join(lines)))
     return path
+
+
+BEGIN, END = "<!-- compare.py: generated from here -->", "<!-- compare.py: to here -->"
+
+
+def _splice(page: str, generated: str) -> str:
+    """`page` with the generated block replaced (or appended): the text around it is kept."""
+    block = f"{BEGIN}\n{generated}\n{END}"
+    if BEGIN in page and END in page:
+        return page[: page.index(BEGIN)] + block + page[page.index(END) + len(END):]
+    return (page.rstrip() + "\n\n" if page else "") + block + "\n"
 
 
 def _rounds(result: dict[str, Any]) -> int:
     return 1 + max(s["round"] for s in result["samples"])
 
 
+def _plan_lines(result: dict[str, Any]) -> list[str]:
+    """The plan's peak-memory estimate next to the measured peak, per star_dist method."""
+    plan = result.get("plan_peak_memory", {})
+    if not plan:
+        return []
+    lines = ["| plan's peak memory estimate vs measured peak anon (median) | estimate MiB | measured MiB | "
+             "estimate / measured |", "|---|---|---|---|"]
+    for key, estimate in sorted(plan.items()):
+        dtype, contender = key.split("/")
+        row = result["summary"].get(dtype, {}).get("median", {}).get(contender)
+        if row:
+            measured = row["peak_rss_anon"]
+            lines.append(f"| {LABELS.get(contender, contender)}, {dtype} | {estimate / 2**20:.0f} | "
+                         f"{measured / 2**20:.0f} | {estimate / measured:.2f} |")
+    return [*lines, ""]
+
+
 def _table(dtype: str, block: dict[str, Any]) -> list[str]:
-    lines = [f"## {dtype} inputs", "",
+    lines = [f"### {dtype} inputs", "",
              "| contender | merge s | process s | CPU s | peak anon MiB | peak RSS MiB | others (cores) |",
              "|---|---|---|---|---|---|---|"]
     for name, row in block["median"].items():
         lines.append(f"| {LABELS.get(name, name)} | {row['inner_s']:.2f} | {row['wall_s']:.2f} | "
-                     f"{row['cpu_s']:.2f} | {row['peak_rss_anon'] / 2**20:.0f} | {row['peak_rss'] / 2**20:.0f} | "
+                     f"{row['cpu_s']:.2f} | {row['peak_rss_anon'] / 2**20:.0f} | {_mib(row.get('peak_rss_hwm'))} | "
                      f"{row['others_cores']:.2f} |")
     lines += ["", "| ratio (merge s) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in block["ratios"].items()]
     return [*lines, ""]
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:

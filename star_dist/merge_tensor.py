@@ -23,13 +23,14 @@ from .lora import LoraSource
 from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
 from .methods.fold import FoldMethod
+from .methods.linear import FusedSum, subtract_upcast
 from .plan import Source, TensorJob
 from .safetensors_format import DTYPES, TensorEntry, TensorReader
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Row-block size for joint methods: all N models' blocks together hold about as many
-# elements as two copies of the tensor, so memory does not grow with N.
-JOINT_BLOCK_COPIES = 2
+# Row-block size for joint methods: all N models' blocks together hold about this many
+# elements (1 MiB of float32), so a block's work stays in cache and memory does not grow with N.
+JOINT_BLOCK_ELEMENTS = 1 << 18
 
 
 class TensorMerger:
@@ -65,16 +66,18 @@ class TensorMerger:
 
     @contextmanager
     def _tensor_params(self, job: TensorJob) -> Iterator[None]:
-        if job.params is None:
-            yield
-            return
-        saved = self.method, self.weights, self.lambda_
-        self.method = method_for(self.method.name, job.params)
-        self.weights, self.lambda_ = job.params.weights, job.params.lambda_
+        """This tensor's own values, and its own device when the plan routed it to the CPU
+        (its working set exceeds the GPU budget, see estimate.py)."""
+        saved = self.method, self.weights, self.lambda_, self.device
+        if job.params is not None:
+            self.method = method_for(self.method.name, job.params)
+            self.weights, self.lambda_ = job.params.weights, job.params.lambda_
+        if job.device is not None:
+            self.device = torch.device(job.device)
         try:
             yield
         finally:
-            self.method, self.weights, self.lambda_ = saved
+            self.method, self.weights, self.lambda_, self.device = saved
 
     def _merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
         """The merged tensor in its output dtype (on the CPU) and its report entry."""
@@ -83,6 +86,16 @@ class TensorMerger:
             return self.reader.read(job.base), {"method": "copy"}
         # Never compute below the inputs' precision: float64 tensors stay float64.
         self.dtype = torch.float64 if job.base.dtype == "F64" else self.config_dtype
+        if self._fusable(job):
+            out, stats = self._merge_fused(job), {}
+        else:
+            out, stats = self._merge_unfused(job)
+        report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
+        report.update(stats)
+        return out, report
+
+    def _merge_unfused(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Whole-tensor passes: any method, any device, LoRA sources."""
         base = self._load(job.base, job.name)  # (shape), compute dtype
         if isinstance(self.method, FoldMethod):
             update, stats = self._fold(job, base)
@@ -94,16 +107,35 @@ class TensorMerger:
             merged, stats = self._merge_joint(job, base), {}
         else:  # pragma: no cover - the registry only holds these three kinds
             raise TypeError(type(self.method))
-        if not all_finite(merged):
-            raise DataError(f"tensor {job.name!r}: the merged result has NaN or Inf (check λ and weights)")
         out = merged.to(DTYPES[job.out_dtype][0])
-        if not all_finite(out):
-            raise DataError(
-                f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
-            )
-        report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
-        report.update(stats)
-        return out.cpu(), report
+        if not finite(out):  # a NaN or Inf in `merged` stays one in `out`: one check on the happy path
+            if not all_finite(merged):
+                raise DataError(_merged_not_finite(job.name))
+            raise DataError(_overflow(job))
+        return out.cpu(), stats
+
+    # -- fused: base + λ Σ w_i τ_i in one pass over the mapped inputs --------------------------
+    def _fusable(self, job: TensorJob) -> bool:
+        return (
+            isinstance(self.method, StreamingMethod)
+            and self.method.identity
+            and self.device.type == "cpu"
+            and all(isinstance(src, TensorEntry) for src in job.models)
+        )
+
+    def _merge_fused(self, job: TensorJob) -> torch.Tensor:
+        """`FusedSum` straight from the read-only maps: no float32 copy of any whole input."""
+        entries = [job.base, *job.models]
+        flat = [self.reader.read(entry).reshape(-1) for entry in entries]  # (numel,) stored dtype
+        out = torch.empty(job.base.numel, dtype=DTYPES[job.out_dtype][0])  # (numel,)
+        fused = FusedSum(self.dtype)
+        fused.run(out, flat[0], flat[1:], list(self.weights), self.lambda_)
+        if not (fused.merged_ok and fused.out_ok):
+            for entry, values in zip(entries, flat, strict=True):  # which input, in the unfused order
+                if not all_finite(values):
+                    raise DataError(_input_not_finite(entry, job.name))
+            raise DataError(_merged_not_finite(job.name) if not fused.merged_ok else _overflow(job))
+        return out.view(job.shape)
 
     def _merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """The merged update λ Σ_i w_i f(τ_i) of one LoRA-adapted module as PEFT factors
@@ -196,15 +228,15 @@ class TensorMerger:
             tau = self._task_vector(src, base, job.name)
             prepared.append(self.method.prepare(dense(tau) if tau is not None else torch.zeros_like(base), i))
             del tau
+        # Entries per row from the shape, not base[0]: a tensor with no rows ((0, n), (0,)) has
+        # no blocks to merge and must not be indexed; a zero-width one ((m, 0)) has empty rows.
+        row_numel = math.prod(base.shape[1:])
         if base.dim() == 0:
             blocks = [None]
         else:
             rows = base.shape[0]
-            step = max(1, (JOINT_BLOCK_COPIES * rows) // max(len(job.models), 1))
+            step = max(1, JOINT_BLOCK_ELEMENTS // max(row_numel * len(job.models), 1))
             blocks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
-        # Entries per row from the shape, not base[0]: a tensor with no rows ((0, n), (0,)) has
-        # no blocks to merge and must not be indexed; a zero-width one ((m, 0)) has empty rows.
-        row_numel = math.prod(base.shape[1:])
         for block in blocks:  # pass 2: the same rows of every model
             base_block = base if block is None else base[block[0] : block[1]]
             taus = [self._task_vector_block(src, base_block, job.name, block) for src in job.models]
@@ -214,11 +246,24 @@ class TensorMerger:
         return base
 
     # -- reading -------------------------------------------------------------------------------
-    def _load(self, entry: TensorEntry, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def prefetch(self, job: TensorJob) -> None:
+        """Start reading every input of `job` in the background (kernel readahead)."""
+        for src in (job.base, *job.models):
+            if isinstance(src, LoraSource):
+                self.reader.advise(src.a)
+                self.reader.advise(src.b)
+            elif src is not None:
+                self.reader.advise(src)
+
+    def _load(
+        self, entry: TensorEntry, name: str, rows: tuple[int, int] | None = None, check: bool = True
+    ) -> torch.Tensor:
+        """A private copy in the compute dtype on the device (the read itself is a read-only view);
+        `check=False` for row blocks of a tensor already checked whole."""
         raw = self.reader.read(entry, rows)
         value = raw.to(self.device, self.dtype, copy=True)
-        if not all_finite(value):
-            raise DataError(f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt")
+        if check and not finite(value):
+            raise DataError(_input_not_finite(entry, name))
         return value
 
     def _task_vector(self, src: Source, base: torch.Tensor, name: str) -> TaskVector | None:
@@ -237,7 +282,10 @@ class TensorMerger:
             low = self._lora_factors(src, name)
             left = low.left if rows is None else low.left[rows[0] : rows[1]]
             return left @ low.right  # (rows, n): only this block is formed
-        return self._load(src, name, rows).sub_(base_block)
+        # Checked whole in pass 1; read, upcast and subtract in one pass where that is exact.
+        if self.device.type != "cpu":
+            return self._load(src, name, rows, check=False).sub_(base_block)
+        return subtract_upcast(self.reader.read(src, rows), base_block, torch.empty_like(base_block))
 
     def _lora_factors(self, src: LoraSource, name: str) -> LowRank:
         a = self._load(src.a, name + " (lora_A)")  # (r, in)
@@ -245,6 +293,27 @@ class TensorMerger:
         if src.fan_in_fan_out:  # the base stores (in, out): τ = s·(B A)ᵀ = s·Aᵀ Bᵀ
             return LowRank(a.T.mul(src.scale), b.T.contiguous())
         return LowRank(b.mul_(src.scale), a)
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf: one sum (finite only if every term is), the exact check only when it is not
+    (a NaN, an Inf, or a sum that overflowed). No mask the size of the tensor on the happy path."""
+    if tensor.numel() == 0:
+        return True
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or all_finite(tensor)
+
+
+def _input_not_finite(entry: TensorEntry, name: str) -> str:
+    return f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt"
+
+
+def _merged_not_finite(name: str) -> str:
+    return f"tensor {name!r}: the merged result has NaN or Inf (check λ and weights)"
+
+
+def _overflow(job: TensorJob) -> str:
+    return f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
 
 
 def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:

@@ -16,6 +16,8 @@ import json
 import mmap
 import os
 import struct
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -251,10 +253,14 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, 
 
 
 class TensorReader:
-    """Lazy reads of tensors from safetensors files via a private memory map per file.
+    """Lazy reads of tensors from safetensors files via one read-only memory map per file.
 
-    Only the pages a tensor (or a row block of it) covers are read from disk. The map is
-    copy-on-write, so tensors are writable without touching the file.
+    Only the pages a tensor (or a row block of it) covers are read from disk, and they stay
+    page cache: a shared read-only map costs no memory of the process's own, so a checkpoint
+    file larger than RAM reads a 2-row block as cheaply as a small one (a private copy-on-write
+    map is refused with ENOMEM there, as the kernel must be able to back every page).
+    The tensors returned are views of the map and must never be written to (a write would
+    crash the process); every caller copies (`.to(..., copy=True)`) or only reads.
     """
 
     def __init__(self) -> None:
@@ -264,9 +270,18 @@ class TensorReader:
         mm = self._maps.get(file)
         if mm is None:
             with open(file, "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[file] = mm
         return mm
+
+    def advise(self, entry: TensorEntry) -> None:
+        """Ask the kernel to start reading `entry`'s bytes now, in the background (readahead),
+        so that a later `read` finds them in the page cache. A hint: errors are ignored."""
+        if entry.nbytes == 0:
+            return
+        start = entry.start - entry.start % mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            self._map(entry.file).madvise(mmap.MADV_WILLNEED, start, entry.start + entry.nbytes - start)
 
     def read(self, entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor (or rows [a, b) of its first dimension), in its stored dtype."""
@@ -281,13 +296,16 @@ class TensorReader:
             shape = (b - a, *shape[1:])
         if count == 0:
             return torch.empty(shape, dtype=torch_dtype)
-        flat = torch.frombuffer(self._map(entry.file), dtype=torch_dtype, count=count, offset=start)
+        with warnings.catch_warnings():  # "buffer is not writable": by design, see the class docstring
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._map(entry.file), dtype=torch_dtype, count=count, offset=start)
         return flat.view(shape)
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            with contextlib.suppress(BufferError):  # a tensor still views it; the GC will release it
-                mm.close()
+        """Drop the maps. Never `mmap.close()` them: `torch.frombuffer` keeps a reference to the
+        map but no buffer export, so closing would unmap pages that a tensor still views (a
+        segfault on its next read, e.g. from a traceback's frames). Each map is unmapped when
+        the last tensor viewing it is freed."""
         self._maps.clear()
 
     def __enter__(self) -> TensorReader:
@@ -322,9 +340,16 @@ def build_header(
 
 class StreamingShardWriter:
     """Writes one safetensors file tensor by tensor to `<final>.tmp`, hashing as it goes;
-    `commit()` fsyncs and renames it to its final name, so no half-written file ever has it."""
+    `commit()` fsyncs and renames it to its final name, so no half-written file ever has it.
 
-    def __init__(self, final_path: Path, tensors: list[tuple[str, str, tuple[int, ...]]]) -> None:
+    With `background=True` each tensor is written and hashed by one helper thread while the
+    caller computes the next (file writes and sha256 release the GIL): at most one tensor is
+    in flight, and an error it met (a full disk) is raised by the next `write` or by `commit`.
+    """
+
+    def __init__(
+        self, final_path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], background: bool = False
+    ) -> None:
         self.final_path = final_path
         self.tmp_path = final_path.with_name(final_path.name + ".tmp")
         self._expected = [(name, dtype, shape) for name, dtype, shape in tensors]
@@ -333,6 +358,8 @@ class StreamingShardWriter:
         self._fh: BinaryIO = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
         self._written = 0
         self._bytes = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
+        self._pending: Future[None] | None = None
         self._put(header)
 
     def _put(self, data: bytes | memoryview) -> None:
@@ -349,14 +376,25 @@ class StreamingShardWriter:
                 f"writer got {name} {got_dtype} {tuple(tensor.shape)}, "
                 f"expected {exp_name} {exp_dtype} {exp_shape}"
             )
-        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-        self._put(memoryview(data))
+        data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         self._written += 1
+        if self._pool is None:
+            self._put(data)
+            return
+        self._drain()  # the previous tensor is on disk (or its error raised) before this one goes
+        self._pending = self._pool.submit(self._put, data)
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def commit(self) -> tuple[int, str]:
         """fsync, rename to the final name; returns (size in bytes, sha256 hex)."""
+        self._drain()
         if self._written != len(self._expected):
             raise AssertionError(f"{self.final_path}: {self._written}/{len(self._expected)} tensors written")
+        self._stop()
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -364,9 +402,15 @@ class StreamingShardWriter:
         fsync_dir(self.final_path.parent)
         return self._bytes, self._hash.hexdigest()
 
+    def _stop(self) -> None:
+        """Wait for the helper thread (if any) to finish and end it."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
     def abort(self) -> None:
         """Close and remove the temporary file (after an error). Closing flushes the buffer,
         which fails again on a full disk: that must not keep the partial file behind."""
+        self._stop()  # a write in flight ends first (its error, if any, is the one being raised)
         if not self._fh.closed:
             with contextlib.suppress(OSError):
                 self._fh.close()

@@ -83,6 +83,8 @@ class StreamingMethod(MergeMethod):
     """`W = W_base + λ Σ_i w_i f(τ_i)`, one task vector at a time."""
 
     streaming: ClassVar[bool] = True
+    # f(τ) = τ: the engine may then fuse the whole weighted sum into one pass over the inputs.
+    identity: ClassVar[bool] = False
 
     @abstractmethod
     def transform(self, tau: TaskVector) -> tuple[TaskVector, dict[str, Any]]:

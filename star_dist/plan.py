@@ -171,7 +171,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     out_dir = Path(os.path.abspath(out_dir))  # absolute and normalized, not resolved: symlinks stay
     base, inputs = _open_inputs(config, method)
     tensor_jobs = _tensor_jobs(config, base, inputs)
-    cost = estimate(_works(tensor_jobs), method, options.workers or 1, options.device,
+    cost = estimate(tensor_works(tensor_jobs), method, options.workers or 1, options.device,
                     options.max_memory_per_worker, threads=options.threads_per_worker)
     groups = _group_tensors(config, _placed(tensor_jobs, cost.routed_to_cpu), options.max_shard_size)
     hub = _hub_files(config, base, inputs)
@@ -232,7 +232,7 @@ def _tensor_jobs(config: MergeConfig, base: Checkpoint, inputs: list[FullInput |
     return jobs
 
 
-def _works(jobs: list[TensorJob]) -> list[TensorWork]:
+def tensor_works(jobs: list[TensorJob]) -> list[TensorWork]:
     """The tensors as the cost model sees them."""
     return [TensorWork(j.name, j.shape, j.merge, tuple(s.rank if isinstance(s, LoraSource) else None
                                                        for s in j.models if s is not None),

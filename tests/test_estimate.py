@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from safetensors import safe_open
 
+import star_dist
 from star_dist.errors import ConfigError
 from star_dist.estimate import (
     GPU_RATES,
@@ -20,8 +25,18 @@ from star_dist.estimate import (
     spectral_flops,
     working_set,
 )
+from star_dist.merge_tensor import TensorMerger
 from star_dist.methods import get_method
+from star_dist.plan import tensor_works
+from star_dist.safetensors_format import TensorReader
 from star_dist.tiny_models import LLAMA_70B, llama_shapes, save_sparse_model
+
+from .conftest import run_cli
+
+
+def plan_works(plan: star_dist.MergePlan) -> list[TensorWork]:
+    return tensor_works([t for s in plan.shards for t in s.tensors])
+
 
 FIXED_RATES = Rates("fixed for the test", 1e11, 1e10, 1e9, 1e9)
 EMBED = (128256, 8192)
@@ -106,3 +121,54 @@ def test_the_cpu_probe_measures_finite_positive_rates() -> None:
     rates = measured_cpu_rates(1, size=128)
     assert 1e6 < rates.gemm_flops < 1e14 and 1e5 < rates.eig_flops < 1e14
     assert "measured" in rates.label
+
+
+def test_plan_routes_tensors_over_the_gpu_budget_to_the_cpu(tiny_fp32: Path) -> None:
+    """On a GPU run, a budget below the largest tensors' working set marks those tensors to
+    merge on the CPU (named in the plan's warnings); the rest stay on the device."""
+    full = star_dist.plan(tiny_fp32 / "merge.yaml", device="cuda", max_memory_per_worker=2**40)
+    needs = {w.name: working_set(w, get_method("star"), 3) for w in plan_works(full)}
+    budget = sorted(needs.values())[-3]  # the two largest working sets are over it
+    plan = star_dist.plan(tiny_fp32 / "merge.yaml", device="cuda", max_memory_per_worker=budget)
+    routed = {t.name for s in plan.shards for t in s.tensors if t.device == "cpu"}
+    assert routed == {n for n, need in needs.items() if need > budget} and len(routed) == 2
+    assert all(any(name in w for w in plan.warnings) for name in routed)
+    assert plan.estimate is not None and plan.estimate.gpu.peak_device_bytes <= budget
+    assert plan.fingerprint == full.fingerprint  # where a tensor runs is recorded per shard, not identity
+    with pytest.raises(ConfigError, match="per worker on the CPU"):
+        star_dist.plan(tiny_fp32 / "merge.yaml", device="cpu", max_memory_per_worker=budget)
+
+
+def test_a_routed_tensor_merges_on_the_cpu_whatever_the_shards_device(tiny_fp32: Path) -> None:
+    """TensorMerger honours a job's own device: on a merger whose device could compute
+    nothing (meta), the routed job still gives the CPU's bytes."""
+    plan = star_dist.plan(tiny_fp32 / "merge.yaml")
+    shard = plan.shards[0]
+    job = shard.tensors[0]
+    method = get_method(shard.method, dict(shard.method_params))
+    with TensorReader() as reader:
+        on_cpu, _ = TensorMerger(method, shard.weights, shard.lambda_, reader, torch.device("cpu")).merge(job)
+        meta = TensorMerger(method, shard.weights, shard.lambda_, reader, torch.device("meta"))
+        routed, _ = meta.merge(dataclasses.replace(job, device="cpu"))
+        assert meta.device.type == "meta"  # restored after the tensor
+    assert torch.equal(routed, on_cpu)
+
+
+def test_plan_of_twelve_70b_fine_tunes_from_headers(tmp_path: Path) -> None:
+    """`star-dist plan --json` on 12 sparse 70B fine-tunes: headers only, every number stated."""
+    for name in ["base", *(f"ft{i}" for i in range(12))]:
+        save_sparse_model(tmp_path / name, LLAMA_70B, shards=30)
+    config = {"merge_method": "star", "base_model": "base", "models": [{"model": f"ft{i}"} for i in range(12)]}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli("plan", str(tmp_path / "merge.yaml"), "--json", "--device", "cuda",
+                     "--max-memory-per-worker", "40GiB", "--workers", "8")
+    assert result.returncode == 0, result.stderr
+    est = json.loads(result.stdout)["estimate"]
+    params = sum(math.prod(s) for s in llama_shapes(LLAMA_70B).values())
+    assert est["bytes_read"] == 13 * 2 * params and est["bytes_written"] == 2 * params
+    assert est["budget_bytes"] == 40 * 2**30 and est["routed_to_cpu"] == []
+    embed = working_set(_work(EMBED, ranks=(None,) * 12), get_method("star"), 12)
+    assert est["gpu"]["peak_device_bytes"] == est["cpu"]["peak_device_bytes"] == embed  # the 128256 × 8192 one
+    assert est["svd_flops"] > 1e16 and est["workers"] == 8
+    assert 0 < est["gpu"]["seconds"] < est["cpu"]["seconds"]
+    assert "assumed" in est["gpu"]["rates"]["label"] and "measured" in est["cpu"]["rates"]["label"]

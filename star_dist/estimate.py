@@ -168,7 +168,7 @@ def measured_cpu_rates(threads: int = 1, size: int = 256) -> Rates:
         eig_s = _best_of(lambda: torch.linalg.eigvalsh(sym), 2)
     finally:
         torch.set_num_threads(before)
-    return Rates(f"this machine's CPU ({threads} thread(s) per worker, measured: GEMM, eigvalsh; disk assumed "
+    return Rates(f"the CPU of this machine ({threads} thread(s) per worker, measured: GEMM, eigvalsh; disk assumed "
                  "1 GB/s read, 0.5 GB/s write)", 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, 1e9, 0.5e9)
 
 
@@ -188,7 +188,7 @@ def default_budget(device: str) -> tuple[int | None, str]:
     elsewhere: state --max-memory-per-worker to have them checked)."""
     memory = _max_memory()
     if device == "cpu":
-        return memory.get("cpu"), "this machine's available RAM"
+        return memory.get("cpu"), "the available RAM of this machine"
     gpu = next((v for k, v in memory.items() if k != "cpu"), None)
     if gpu is None:
         return None, "unknown: no GPU on this machine (set --max-memory-per-worker)"

@@ -15,10 +15,6 @@ from ..config import RunOptions
 from ..plan import MergePlan
 
 RAY_STARTUP_S = 10.0
-# Calibration (scripts/bench/scaling.py, this machine, 1 torch thread): STAR over a hidden-1024
-# llama with 3 fine-tunes is 1.6e11 cost units (plan._cost) and took 60 s: 2.7e9 units/s.
-COST_UNITS_PER_S = 2.5e9
-IO_BYTES_PER_S = 0.5e9  # read, merge and write streaming, for methods without SVDs
 
 
 @dataclass(frozen=True)
@@ -31,13 +27,11 @@ class RuntimeChoice:
 
 
 def estimate_seconds(plan: MergePlan, threads: int) -> float:
-    """Single-worker wall time of the plan's work on the CPU: the cost model's (estimate.py,
-    FLOPs at this CPU's measured rates plus bytes moved) when the plan has one, else from
-    the shards' cost units and bytes, calibrated on scripts/bench/scaling.py."""
-    if plan.estimate is not None:
-        return plan.estimate.cpu.seconds * plan.estimate.workers
-    cost = sum(job.cost for job in plan.shards)
-    return cost / (COST_UNITS_PER_S * threads) + (plan.bytes_read + plan.bytes_out) / IO_BYTES_PER_S
+    """Single-worker wall time of the plan's work on the CPU, from the plan's cost model
+    (estimate.py: FLOPs at this CPU's measured rates with `threads` threads, plus bytes moved)."""
+    if plan.estimate is None:
+        return 0.0
+    return plan.estimate.cpu.seconds * plan.estimate.workers
 
 
 def local_parallelism(options: RunOptions) -> tuple[int, str]:

@@ -22,11 +22,15 @@ from .errors import ConfigError
 
 SPECTRAL_METHODS = frozenset({"star", "tsv", "iso_c", "iso_cts"})
 
-# Working copies of a tensor in float32 at the peak of its merge, by kind of method, as
-# measured by scripts/bench/memory.py (STAR 5.7-7, task arithmetic 4.75, TIES 4 + 12/N).
-SPECTRAL_COPIES = 7.0
-STREAMING_COPIES = 5.0
-JOINT_BASE_COPIES, JOINT_PER_MODEL_COPIES = 4.0, 12.0
+# Working copies of a tensor in float32 at the peak of its merge, above the imports, by kind
+# of method, from measured peaks of the largest tensor's merge (scripts/bench/compare.py and
+# star_svd.py, 2026-12-03): STAR 4.6 (291M × 4, plus the Gram matrix); task arithmetic and
+# average summed block by block on the CPU 1.0 (bf16) to 2.0 (fp32) — on a GPU, or from LoRA
+# factors, they take whole-tensor passes, about 5; TIES 4.7-5.2 (N = 4, flat in N since its
+# row blocks are cache-sized).
+SPECTRAL_COPIES = 5.0
+FUSED_STREAMING_COPIES, STREAMING_COPIES = 2.0, 5.0
+JOINT_COPIES = 5.5
 # On a GPU the host keeps a pinned double buffer of one tensor's input (base + one model).
 PINNED_BUFFERS = 2
 
@@ -104,7 +108,7 @@ class Estimate:
                 "routed_to_cpu": list(self.routed_to_cpu)}
 
 
-def working_set(work: TensorWork, method: Any, n_models: int) -> int:
+def working_set(work: TensorWork, method: Any, n_models: int, device: str = "cuda") -> int:
     """Peak bytes on the compute device while merging one tensor.
 
     Args:
@@ -112,6 +116,7 @@ def working_set(work: TensorWork, method: Any, n_models: int) -> int:
         method: the merge method (a `MergeMethod`); one that states its own `working_bytes`
             (TSV-M, Iso) is asked, the others follow the copies scripts/bench/memory.py measured.
         n_models: how many fine-tunes are merged.
+        device: "cpu" or "cuda" (task arithmetic sums in blocks only on the CPU).
     Returns:
         Bytes.
     """
@@ -126,8 +131,9 @@ def working_set(work: TensorWork, method: Any, n_models: int) -> int:
             return int(3 * f32 + 32 * (m + n) * sum(r or 0 for r in work.ranks))
         return int(SPECTRAL_COPIES * f32 + 8 * min(work.shape) ** 2)
     if method.streaming:
-        return int(STREAMING_COPIES * f32)
-    return int(JOINT_BASE_COPIES * f32 + JOINT_PER_MODEL_COPIES * f32 / max(n_models, 1))
+        fused = device == "cpu" and getattr(method, "identity", False) and all(r is None for r in work.ranks)
+        return int((FUSED_STREAMING_COPIES if fused else STREAMING_COPIES) * f32)
+    return int(JOINT_COPIES * f32)
 
 
 def spectral_flops(work: TensorWork) -> tuple[float, float]:
@@ -153,7 +159,7 @@ def spectral_flops(work: TensorWork) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=4)
-def measured_cpu_rates(threads: int = 1, size: int = 256) -> Rates:
+def measured_cpu_rates(threads: int = 1, size: int = 512) -> Rates:
     """One CPU worker's rates on this machine, from a probe of a few milliseconds (float64
     GEMM and eigvalsh at `size` with `threads` torch threads, as a worker runs); disk rates
     are assumed, not probed."""
@@ -285,26 +291,27 @@ def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
         ConfigError: a tensor fits nowhere.
     """
     n_models = max((len(w.ranks) for w in works), default=1)
-    needs = {w.name: working_set(w, method, n_models) for w in works if w.merge}
     target = "cpu" if device == "cpu" else "cuda"
+    on_cpu = {w.name: working_set(w, method, n_models, "cpu") for w in works if w.merge}
+    on_gpu = {w.name: working_set(w, method, n_models, "cuda") for w in works if w.merge}
     budget, source = (budget, "--max-memory-per-worker") if budget is not None else default_budget(target)
     if cpu_budget is None:
         cpu_budget = budget if target == "cpu" else default_budget("cpu")[0]
-    routed = place_tensors(needs, target, budget, cpu_budget)
-    flops = [spectral_flops(w) for w in works]
+    routed = place_tensors(on_cpu if target == "cpu" else on_gpu, target, budget, cpu_budget)
+    flops = [spectral_flops(w) for w in works] if method.name in SPECTRAL_METHODS else []
     totals = _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
                      sum(w.bytes_read for w in works), sum(w.bytes_out for w in works))
-    peak = max(needs.values(), default=0)
     rates = cpu_rates or measured_cpu_rates(threads)
-    cpu = DeviceEstimate("cpu", peak, peak, totals.seconds(rates, workers), rates)
-    gpu = DeviceEstimate("cuda", max((v for k, v in needs.items() if k not in routed), default=0),
-                         _gpu_host_bytes(works, needs, routed), totals.seconds(GPU_RATES, workers), GPU_RATES)
+    peak_cpu = max(on_cpu.values(), default=0)
+    cpu = DeviceEstimate("cpu", peak_cpu, peak_cpu, totals.seconds(rates, workers), rates)
+    gpu = DeviceEstimate("cuda", max((v for k, v in on_gpu.items() if k not in routed), default=0),
+                         _gpu_host_bytes(works, on_cpu, routed), totals.seconds(GPU_RATES, workers), GPU_RATES)
     return Estimate(workers, totals.gemm + totals.eig, totals.read, totals.written, cpu, gpu,
                     budget, source, routed)
 
 
-def _gpu_host_bytes(works: list[TensorWork], needs: dict[str, int], routed: tuple[str, ...]) -> int:
+def _gpu_host_bytes(works: list[TensorWork], on_cpu: dict[str, int], routed: tuple[str, ...]) -> int:
     """Host RAM of a GPU worker: pinned buffers for one tensor's base + one model's input
     (bytes_read spread over base and models), or the working set of a tensor routed to the CPU."""
     one_pair = max((2 * w.bytes_read // (len(w.ranks) + 1) for w in works), default=0)
-    return max(PINNED_BUFFERS * one_pair, max((needs[name] for name in routed), default=0))
+    return max(PINNED_BUFFERS * one_pair, max((on_cpu[name] for name in routed), default=0))

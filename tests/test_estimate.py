@@ -77,10 +77,10 @@ def test_spectral_flops_count_the_gram_side_and_the_lora_factors() -> None:
 def test_working_sets_follow_the_method() -> None:
     embed = _work(EMBED, ranks=(None,) * 12)
     f32 = 4 * math.prod(EMBED)
-    star, ties = get_method("star"), get_method("ties")
-    assert working_set(embed, star, 12) > 7 * f32  # τ and its copies, plus the 8192² float64 Gram matrix
-    assert working_set(embed, get_method("task_arithmetic"), 12) < working_set(embed, star, 12)
-    assert working_set(embed, ties, 2) > working_set(embed, ties, 12)
+    star, ties, ta = get_method("star"), get_method("ties"), get_method("task_arithmetic")
+    assert working_set(embed, star, 12) > 4 * f32 + 8 * 8192**2  # τ and its copies, plus the float64 Gram matrix
+    assert working_set(embed, ta, 12, "cpu") < working_set(embed, ta, 12, "cuda") < working_set(embed, star, 12)
+    assert working_set(embed, ties, 2) == working_set(embed, ties, 12)  # cache-sized row blocks: flat in N
     lora = working_set(_work((4096, 4096), ranks=(16,) * 12), star, 12)
     assert lora < working_set(_work((4096, 4096), ranks=(None,) * 12), star, 12)
     tsv = get_method("tsv")  # a method that states its own working set is asked
@@ -102,10 +102,10 @@ def test_a_tensor_too_big_for_the_gpu_goes_to_the_cpu_or_the_plan_fails() -> Non
 def test_estimate_of_a_70b_star_merge_of_12() -> None:
     works = [TensorWork(n, s, True, (None,) * 12, 13 * 2 * math.prod(s), 2 * math.prod(s))
              for n, s in llama_shapes(LLAMA_70B).items()]
-    est = estimate(works, get_method("star"), workers=8, device="cuda", budget=22 * 2**30,
+    est = estimate(works, get_method("star"), workers=8, device="cuda", budget=16 * 2**30,
                    cpu_budget=64 * 2**30, cpu_rates=FIXED_RATES)
     assert set(est.routed_to_cpu) == {"model.embed_tokens.weight", "lm_head.weight"}  # 128256 × 8192
-    assert est.gpu.peak_device_bytes <= 22 * 2**30 < est.cpu.peak_device_bytes
+    assert est.gpu.peak_device_bytes <= 16 * 2**30 < est.cpu.peak_device_bytes
     assert est.gpu.peak_host_bytes >= est.cpu.peak_device_bytes  # the routed embedding runs in host RAM
     assert est.bytes_read == 13 * 2 * sum(math.prod(s) for s in llama_shapes(LLAMA_70B).values())
     gemm = sum(spectral_flops(w)[0] for w in works)

@@ -103,13 +103,17 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={_free_port()}",
          f"--temp-dir={ray_tmp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=head_dir,
     )
     try:
         _wait_for_port(dashboard_port, 120)
         readme_line = README_SUBMIT.replace("8265", str(dashboard_port))
-        deadline = time.monotonic() + 180  # the head's job agent can lag its dashboard (a minute, loaded)
+        # The head's job agent can lag its dashboard by a few seconds. (It never came up while
+        # the session's other Ray cluster held the agent's default port 52365: hence the free
+        # --dashboard-agent-listen-port above.)
+        deadline = time.monotonic() + 60
         while True:
             submit = subprocess.run(["bash", "-c", readme_line], env=env, capture_output=True, text=True,
                                     timeout=300, cwd=work)

@@ -9,16 +9,9 @@ from star_dist.methods import Star, StarParams, dense
 from star_dist.methods.spectral import gram_side, kept_rank, singular_values, top_factors
 from star_dist.methods.spectrum import certified_rank, gram_values, looks_flat, rank_window, star_spectrum
 
+from .test_spectral import spectrum_matrix
+
 EPS64 = float(torch.finfo(torch.float64).eps)
-
-
-def spectrum_matrix(m: int, n: int, s: list[float], seed: int) -> torch.Tensor:
-    """A float32 (m, n) matrix with the given singular values and random singular vectors."""
-    gen = torch.Generator().manual_seed(seed)
-    k = len(s)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
-    return ((u * torch.tensor(s, dtype=torch.float64)) @ v.T).float()
 
 
 def kinds(m: int, n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -18,9 +18,11 @@ import pytest
 import star_dist
 from star_dist.config import RunOptions
 from star_dist.errors import ClusterError, MergeError
-from star_dist.runtime.ray import CRASH_ON_SHARD_ENV, CRASH_ONCE_ENV, actor_device, pool_shape
+from star_dist.runtime import ray as ray_runtime
+from star_dist.runtime.ray import actor_device, pool_shape
 
-from .conftest import folder_bytes, run_cli, snapshot
+from .conftest import BIN, REPO, folder_bytes, run_cli, snapshot
+from .faults import crashing_worker
 
 pytestmark = pytest.mark.ray
 
@@ -48,7 +50,7 @@ def test_a_worker_dying_mid_shard_is_replaced(
 ) -> None:
     expected = _local_reference(tiny_fp32 / "merge.yaml", tmp_path / "local")
     marker = tmp_path / "crashed.pid"
-    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+    monkeypatch.setattr(ray_runtime, "ShardWorker", crashing_worker(once_marker=marker))
     out = tmp_path / "ray"
     star_dist.merge(tiny_fp32 / "merge.yaml", out, runtime="ray", workers=2, quiet=True, max_shard_size="60kB")
     assert marker.exists(), "the fault was never injected"
@@ -70,7 +72,9 @@ def test_a_shard_that_always_kills_its_worker_fails_cleanly_and_the_rerun_resume
     doomed = jobs[-1].file_name  # run last by the single worker, so every other shard is done first
     args = ["merge", str(config), str(tmp_path / "out"), "--max-shard-size", "60kB", "--workers", "1",
             "--runtime", "ray"]
-    result = run_cli(*args, "--quiet", env={CRASH_ON_SHARD_ENV: doomed}, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "tests.faults", "--crash-on-shard", doomed, "--", *args, "--quiet"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and doomed in lines[0] and "died" in lines[0], result.stderr

@@ -20,7 +20,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..config import RunOptions
@@ -35,10 +34,6 @@ from .storage import StorageCheck
 
 __all__ = ["ray_session", "ray_runtime", "pool_shape", "actor_device", "PoolShape"]
 
-# Test hooks for the fault tests: the first worker to see this path absent creates it and
-# dies mid-shard; a worker given the shard named by the second always dies on it.
-CRASH_ONCE_ENV = "STAR_DIST_CRASH_ONCE_MARKER"
-CRASH_ON_SHARD_ENV = "STAR_DIST_CRASH_ON_SHARD"
 ACTOR_RESTARTS = 2  # process restarts of one actor, each retrying the call it died in
 SHARD_ATTEMPTS = 2  # actors a shard may exhaust before the run fails on it
 WAIT_SLICE_S = 1.0
@@ -76,13 +71,11 @@ def _log_to_stderr() -> None:
 class ShardWorker:
     """A Ray actor: plain Python around `merge_shard`, tagging its log lines with its id."""
 
-    def __init__(self, worker_id: int, threads: int, device: str, crash: dict[str, str],
-                 storage: StorageCheck | None = None) -> None:
+    def __init__(self, worker_id: int, threads: int, device: str, storage: StorageCheck | None = None) -> None:
         import torch
 
         self.worker_id = worker_id
         self.requested_device = device
-        self.crash = crash
         self.storage = storage
         self.node: str | None = None  # set once this node's storage checked out
         torch.set_num_threads(threads)
@@ -118,21 +111,12 @@ class ShardWorker:
         start = time.perf_counter()
         info = self.info()
         log.info("[worker %d] %s: %d tensors on %s", self.worker_id, job.file_name, len(job.tensors), info["device"])
-        self._maybe_crash(job)
         job, fetched = localize(job)  # hub files: this node's own cache, fetched if missing
         if fetched:
             info = {**info, "hub_files": fetched}
         manifest = merge_shard(dataclasses.replace(job, device=info["device"]), worker=info)
         log.info("[worker %d] %s: done in %.1fs", self.worker_id, job.file_name, time.perf_counter() - start)
         return manifest
-
-    def _maybe_crash(self, job: ShardJob) -> None:
-        marker = self.crash.get("once")
-        if marker and not Path(marker).exists():
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)  # die as a killed process would, mid-shard
-        if self.crash.get("shard") == job.file_name:
-            os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -227,9 +211,7 @@ def ray_runtime(options: RunOptions, n_jobs: int, embedded: bool, storage: Stora
     that cannot work fails before any progress is drawn; its actors go when the run ends."""
     nodes = alive_nodes()
     shape = pool_shape(nodes, options, n_jobs, embedded)
-    crash = {key: os.environ[env] for key, env in (("once", CRASH_ONCE_ENV), ("shard", CRASH_ON_SHARD_ENV))
-             if os.environ.get(env)}
-    pool = ActorPool(shape, options, crash, storage)
+    pool = ActorPool(shape, options, storage)
     try:
         yield Runtime("ray", pool.device, functools.partial(pool.run, nodes=nodes), pool.verify)
     finally:
@@ -239,8 +221,7 @@ def ray_runtime(options: RunOptions, n_jobs: int, embedded: bool, storage: Stora
 class ActorPool:
     """Hands shards to started, idle actors (one in flight each) and replaces actors that die."""
 
-    def __init__(self, shape: PoolShape, options: RunOptions, crash: dict[str, str],
-                 storage: StorageCheck | None = None) -> None:
+    def __init__(self, shape: PoolShape, options: RunOptions, storage: StorageCheck | None = None) -> None:
         import ray
 
         self._actor_cls = ray.remote(ShardWorker).options(
@@ -251,7 +232,6 @@ class ActorPool:
         )
         self._shape = shape
         self._options = options
-        self._crash = crash
         self._storage = storage
         self._device: str | None = None  # the first started worker's
         self._next_id = 0
@@ -263,7 +243,7 @@ class ActorPool:
 
     def _new_actor(self) -> None:
         actor = self._actor_cls.remote(self._next_id, self._options.threads_per_worker, self._options.device,
-                                       self._crash, self._storage)
+                                       self._storage)
         self._next_id += 1
         self.starting[actor.info.remote()] = actor
 

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from .device import resolve_device as resolve_device  # the shard runner's import; device.py owns it
-from .errors import DataError, MergeError
+from .errors import DataError, InputError, MergeError
 from .lora import LoraSource
 from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
 from .methods.fold import FoldMethod
 from .methods.linear import FusedSum, subtract_upcast
 from .plan import Source, TensorJob
-from .safetensors_format import DTYPES, TensorEntry, TensorReader
+from .safetensors_format import DTYPES, FileShrank, TensorEntry, TensorReader
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Row-block size for joint methods: all N models' blocks together hold about this many
@@ -67,7 +67,8 @@ class TensorMerger:
     @contextmanager
     def _tensor_params(self, job: TensorJob) -> Iterator[None]:
         """This tensor's own values, and its own device when the plan routed it to the CPU
-        (its working set exceeds the GPU budget, see estimate.py)."""
+        (its working set exceeds the GPU budget, see estimate.py); a read past a shrunk
+        input's end is reported with the tensor's name."""
         saved = self.method, self.weights, self.lambda_, self.device
         if job.params is not None:
             self.method = method_for(self.method.name, job.params)
@@ -76,6 +77,8 @@ class TensorMerger:
             self.device = torch.device(job.device)
         try:
             yield
+        except FileShrank as exc:  # the reader knows the file, the job the tensor's name
+            raise InputError(exc.describe(job.name)) from None
         finally:
             self.method, self.weights, self.lambda_, self.device = saved
 

@@ -252,6 +252,24 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry], data_start: int, 
         raise InputError(f"{path}: {what}, which safetensors refuses; re-download or re-save the file")
 
 
+class FileShrank(InputError):
+    """An input file cut shorter while the merge had it mapped (rewritten in place by a download
+    or a save): reading its lost pages would kill the process with SIGBUS, so refuse first."""
+
+    def __init__(self, file: str, needed: int, size: int) -> None:
+        self.file, self.needed, self.size = file, needed, size
+        super().__init__(self.describe())
+
+    def describe(self, tensor: str | None = None) -> str:
+        """The one-line message, naming the tensor being read when the caller knows it."""
+        what = f"tensor {tensor!r}" if tensor else "a read"
+        return (
+            f"{self.file}: {what} needs bytes up to {self.needed} but the file now has {self.size}: "
+            "it was cut short while the merge read it; "
+            "let whatever rewrites it finish, then rerun the same command to resume"
+        )
+
+
 class TensorReader:
     """Lazy reads of tensors from safetensors files via one read-only memory map per file.
 
@@ -266,12 +284,17 @@ class TensorReader:
     def __init__(self) -> None:
         self._maps: dict[str, mmap.mmap] = {}
 
-    def _map(self, file: str) -> mmap.mmap:
+    def _map(self, file: str, needed: int) -> mmap.mmap:
+        """The file's map, made on first use; `needed` is the end of the bytes about to be read."""
         mm = self._maps.get(file)
         if mm is None:
             with open(file, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:  # emptied since planning: nothing to map
+                    raise FileShrank(file, needed, 0)
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[file] = mm
+        if needed > mm.size():  # mm.size() is the file's size now: touching pages past it is SIGBUS
+            raise FileShrank(file, needed, mm.size())
         return mm
 
     def advise(self, entry: TensorEntry) -> None:
@@ -280,8 +303,9 @@ class TensorReader:
         if entry.nbytes == 0:
             return
         start = entry.start - entry.start % mmap.PAGESIZE
-        with contextlib.suppress(OSError, ValueError):
-            self._map(entry.file).madvise(mmap.MADV_WILLNEED, start, entry.start + entry.nbytes - start)
+        end = entry.start + entry.nbytes
+        with contextlib.suppress(OSError, ValueError, FileShrank):
+            self._map(entry.file, end).madvise(mmap.MADV_WILLNEED, start, end - start)
 
     def read(self, entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor (or rows [a, b) of its first dimension), in its stored dtype."""
@@ -296,9 +320,10 @@ class TensorReader:
             shape = (b - a, *shape[1:])
         if count == 0:
             return torch.empty(shape, dtype=torch_dtype)
+        mm = self._map(entry.file, start + count * itemsize)
         with warnings.catch_warnings():  # "buffer is not writable": by design, see the class docstring
             warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self._map(entry.file), dtype=torch_dtype, count=count, offset=start)
+            flat = torch.frombuffer(mm, dtype=torch_dtype, count=count, offset=start)
         return flat.view(shape)
 
     def close(self) -> None:

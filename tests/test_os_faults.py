@@ -5,8 +5,10 @@ name; after a full disk is freed, the same command resumes to the same bytes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -17,7 +19,7 @@ import pytest
 from safetensors import safe_open
 
 import star_dist
-from star_dist.errors import MergeError, OutputError
+from star_dist.errors import InputError, MergeError, OutputError
 
 from .conftest import BIN, folder_bytes, run_cli, snapshot
 
@@ -206,21 +208,63 @@ def test_an_unexpected_failure_in_a_local_shard_names_the_shard(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("code", "words"), [
+    (errno.EDQUOT, "disk quota exceeded"),
+    (errno.EIO, "input/output error from the device"),  # a failing disk
+    (errno.ESTALE, "stale network file handle); remount the shared file system"),  # an NFS server restarted
+])
 def test_an_os_error_in_a_local_shard_is_an_output_error_naming_the_shard(
-    tiny_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, words: str
 ) -> None:
-    """An OSError without a path (a write on an open file) is put on the shard being written."""
-    import errno
-
+    """An OSError without a path (a write on an open file) is put on the shard being written.
+    No loopback file system returns EIO or ESTALE, so the write itself is made to fail."""
     from star_dist import safetensors_format
 
-    def full(self, data):
-        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    def failing(self, data):
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(safetensors_format.StreamingShardWriter, "_put", full)
-    expected = r"out/model\.safetensors: cannot write shard model\.safetensors \(disk quota"
-    with pytest.raises(OutputError, match=expected):
+    monkeypatch.setattr(safetensors_format.StreamingShardWriter, "_put", failing)
+    expected = r"out/model\.safetensors: cannot write shard model\.safetensors \(" + re.escape(words)
+    with pytest.raises(OutputError, match=expected) as info:
         star_dist.merge(tiny_fp32 / "merge.yaml", tmp_path / "out", runtime="local", quiet=True)
+    assert "\n" not in str(info.value)
+    _no_partial_file(tmp_path / "out")
+
+
+def test_an_input_cut_short_mid_merge_is_one_line_not_sigbus(
+    tiny_fp32: Path, tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fine-tune rewritten in place while the merge has it mapped (a download resuming over
+    it): reading its lost pages would kill the process with SIGBUS. One line naming the file
+    and the tensor instead; once the file is whole again the same command resumes. One shard,
+    so the file is cut while the shard's reader has it mapped."""
+    from star_dist import merge_tensor
+
+    victim = sorted(p for p in tiny_copy.rglob("*.safetensors") if "base" not in str(p))[0]
+    whole = victim.read_bytes()
+    real_merge = merge_tensor.TensorMerger.merge
+    calls = []
+
+    def cut_after_first(self, job):
+        calls.append(job.name)
+        if len(calls) == 2:
+            with open(victim, "r+b") as fh:
+                fh.truncate(16)  # the length prefix and a little: every tensor's bytes are gone
+        return real_merge(self, job)
+
+    monkeypatch.setattr(merge_tensor.TensorMerger, "merge", cut_after_first)
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as info:
+        star_dist.merge(tiny_copy / "merge.yaml", out, runtime="local", quiet=True)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{victim}: tensor '") and "cut short" in message, message
+    assert "now has 16" in message
+    _no_partial_file(out)
+    monkeypatch.undo()
+    victim.write_bytes(whole)
+    star_dist.merge(tiny_copy / "merge.yaml", out, runtime="local", quiet=True)
+    star_dist.merge(tiny_fp32 / "merge.yaml", tmp_path / "reference", runtime="local", quiet=True)
+    assert folder_bytes(out) == folder_bytes(tmp_path / "reference")
 
 
 @needs_mount

@@ -22,16 +22,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .cache import cache_root
+
 FORMAT = 1  # bump when what is stored changes
 
 
 def cache_dir() -> Path:
     """The folder the architectures are kept in."""
-    root = os.environ.get("STAR_DIST_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "star_dist")
-    return Path(root) / "architectures"
+    return cache_root() / "architectures"
 
 
 def cache_key(config_file: Path) -> str | None:

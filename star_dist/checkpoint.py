@@ -167,12 +167,13 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).exists() and not has_weights
 
 
-def resolve_model_folder(source: str) -> Path:
+def resolve_model_folder(source: str, weights: bool = True) -> Path:
     """A local folder for `source`: the path itself, or a hub id fetched into the HF cache.
 
     Hub ids (`org/name`, optionally `org/name@revision`) are pinned to one commit and fetched
     into the driver's cache (star_dist.hub), honouring HF_HUB_CACHE and HF_HUB_OFFLINE, so a
-    pre-filled cache works without network access.
+    pre-filled cache works without network access. `weights=False` (planning) fetches only
+    the headers of weight files not cached yet (star_dist.hub_headers).
     """
     path = Path(os.path.expanduser(source))
     if path.is_dir():
@@ -182,10 +183,10 @@ def resolve_model_folder(source: str) -> Path:
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         where = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
         raise InputError(f"{source}: no such folder{where}, and not a hub id of the form org/name")
-    return _download_from_hub(source)
+    return _download_from_hub(source, weights)
 
 
-def _download_from_hub(source: str) -> Path:
+def _download_from_hub(source: str, weights: bool) -> Path:
     from .hub import download_snapshot  # pinned to one commit, in this (the driver's) cache
 
-    return download_snapshot(source)
+    return download_snapshot(source, weights)

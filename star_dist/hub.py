@@ -20,9 +20,11 @@ from typing import Any
 from huggingface_hub import hf_hub_download, snapshot_download
 
 from .errors import InputError
+from .hub_headers import planning_folder, stub_record, stub_root
 
-# What the driver fetches to plan: weights, configs and tokenizer files (never pickles).
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+# What a model folder needs besides its weights: configs and tokenizer files (never pickles).
+SMALL_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+HUB_PATTERNS = ["*.safetensors", *SMALL_PATTERNS]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
@@ -47,25 +49,40 @@ def is_hub_id(source: str) -> bool:
     return not os.path.exists(os.path.expanduser(source)) and bool(_HUB_ID.fullmatch(source))
 
 
-def download_snapshot(source: str) -> Path:
+def download_snapshot(source: str, weights: bool = True) -> Path:
     """The driver's local folder for hub id `source`, pinned to one commit (its name).
 
     Args:
         source: `org/name` or `org/name@revision` (a branch, tag or commit).
+        weights: False to plan only: weight files the cache lacks are header stubs
+            (hub_headers.py), fetched for real only if their data is read. Offline, the
+            cache must hold them either way.
 
     Returns:
-        The cache's snapshot folder `.../snapshots/<commit>`.
+        The cache's snapshot folder `.../snapshots/<commit>`, or its stub folder (same name).
     """
+    from huggingface_hub.constants import is_offline_mode
+
     repo_id, _, revision = source.partition("@")
+    headers_only = not weights and not is_offline_mode()
     try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id, revision=revision or None,
+                                   allow_patterns=SMALL_PATTERNS if headers_only else HUB_PATTERNS)
     except Exception as exc:  # network, auth, offline-and-not-cached: all end the same way
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"{source}: not a local folder, and fetching it from the Hugging Face hub failed "
             f"({type(exc).__name__}: {first_line[:200]}); download it first or check HF_TOKEN"
         ) from None
-    return Path(folder)
+    if not headers_only:
+        return Path(folder)
+    try:
+        return planning_folder(repo_id, Path(folder))
+    except OSError as exc:
+        raise InputError(
+            f"{exc.filename or stub_root()}: cannot write the header stubs of {source} ({exc.strerror}); "
+            "set STAR_DIST_CACHE to a writable folder"
+        ) from None
 
 
 def hub_files(repo_id: str, snapshot: Path, files: set[str]) -> list[HubFile]:
@@ -79,9 +96,13 @@ def hub_files(repo_id: str, snapshot: Path, files: set[str]) -> list[HubFile]:
 
 def content_id(hub_file: HubFile) -> list[Any]:
     """What identifies a hub file's bytes in the plan fingerprint: its size and the blob the
-    snapshot links to (named by its hash), not the cache path or the download's mtime."""
+    snapshot links to (named by its hash: the sha256 of a weight file), or for a header
+    stub the sha256 the hub listed; not the cache path or the download's mtime."""
     path = hub_file.driver_path
-    blob = Path(os.readlink(path)).name if os.path.islink(path) else os.stat(path).st_mtime_ns
+    record = stub_record(path)
+    if record is not None:
+        return [hub_file.size, record.sha256]
+    blob = Path(os.path.realpath(path)).name if os.path.islink(path) else os.stat(path).st_mtime_ns
     return [hub_file.size, blob]
 
 

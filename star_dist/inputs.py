@@ -76,7 +76,7 @@ def absolute_source(source: str) -> str:
 
 def open_input(source: str, base: Checkpoint) -> FullInput | LoraAdapter:
     """Open a fine-tuned input: a PEFT adapter folder if it has adapter_config.json."""
-    folder = resolve_model_folder(absolute_source(source))
+    folder = resolve_model_folder(absolute_source(source), weights=False)
     if is_adapter_folder(folder):
         return LoraAdapter.open(source, folder, base)
     return FullInput(Checkpoint.from_folder(source, folder))

@@ -196,7 +196,8 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
 
 def _open_inputs(config: MergeConfig, method: MergeMethod) -> tuple[Checkpoint, list[FullInput | LoraAdapter]]:
     """The base (checked against its own config.json) and every model, from headers."""
-    base = Checkpoint.from_folder(config.base_model, resolve_model_folder(absolute_source(config.base_model)))
+    folder = resolve_model_folder(absolute_source(config.base_model), weights=False)  # hub: headers only
+    base = Checkpoint.from_folder(config.base_model, folder)
     base = checked_base(base)
     inputs = [open_input(m.model, base) for m in config.models]
     if config.output_dtype:

@@ -26,6 +26,7 @@ import torch
 
 from .errors import InputError
 from .files import require_regular_file
+from .hub_headers import real_file
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -288,7 +289,7 @@ class TensorReader:
         """The file's map, made on first use; `needed` is the end of the bytes about to be read."""
         mm = self._maps.get(file)
         if mm is None:
-            with open(file, "rb") as fh:
+            with open(real_file(file), "rb") as fh:  # a hub header stub: the real file, fetched
                 if os.fstat(fh.fileno()).st_size == 0:  # emptied since planning: nothing to map
                     raise FileShrank(file, needed, 0)
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)

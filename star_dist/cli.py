@@ -379,6 +379,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {shard['file']}  {shard['tensors']} tensors  {human_bytes(shard['bytes'])}")
     print(f"read        {human_bytes(summary['bytes_to_read'])}")
     print(f"write       {human_bytes(summary['bytes_to_write'])}")
+    busiest = summary["per_worker"]
+    if busiest["workers"] > 1:
+        print(f"per worker  {human_bytes(busiest['bytes_read'])} read, {human_bytes(busiest['bytes_written'])} "
+              f"written by the busiest of {busiest['workers']} (shards dealt most expensive first)")
     print(f"SVDs        {summary['svds']}")
     print(f"peak memory {human_bytes(summary['peak_memory_per_worker_bytes'])} per worker (estimate)")
     if summary.get("peak_memory_note"):

@@ -119,6 +119,24 @@ class MergePlan:
     def bytes_out(self) -> int:
         return sum(s.bytes_out for s in self.shards)
 
+    def per_worker(self, workers: int) -> dict[str, int]:
+        """The busiest worker's bytes when `workers` share the shards as the driver hands them
+        out (most expensive first, each to the worker with the least work so far).
+
+        Args:
+            workers: how many workers run at once.
+        Returns:
+            {"workers", "bytes_read", "bytes_written"} of the worker that reads the most.
+        """
+        loads = [[0.0, 0, 0] for _ in range(max(1, min(workers, len(self.shards))))]  # cost, read, written
+        for shard in sorted(self.shards, key=lambda j: (-j.cost, j.index)):
+            load = min(loads, key=lambda w: w[0])
+            load[0] += shard.cost
+            load[1] += shard.bytes_read
+            load[2] += shard.bytes_out
+        busiest = max(loads, key=lambda w: w[1])
+        return {"workers": len(loads), "bytes_read": int(busiest[1]), "bytes_written": int(busiest[2])}
+
     def summary(self) -> dict[str, Any]:
         """The dry-run report shown by `star-dist plan`."""
         return {
@@ -134,6 +152,7 @@ class MergePlan:
             ],
             "bytes_to_read": self.bytes_read,
             "bytes_to_write": self.bytes_out,
+            "per_worker": self.per_worker(self.estimate.workers if self.estimate else 1),
             "svds": self.n_svds,
             "peak_memory_per_worker_bytes": self.peak_memory_per_worker,
             "estimate": self.estimate.to_dict() if self.estimate else None,

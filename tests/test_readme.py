@@ -40,3 +40,38 @@ def test_demo_command_merges_on_an_embedded_ray_cluster(tmp_path: Path) -> None:
     assert "ray: " in result.stderr  # the embedded cluster ran the shards
     out = tmp_path / "out"
     assert (out / "model.safetensors.index.json").exists() and (out / "README.md").exists()
+
+
+def _readme_block(after: str, language: str) -> str:
+    """The first ```language block after the line containing `after`."""
+    rest = README[README.index(after):]
+    match = re.search(rf"```{language}\n(.*?)```", rest, re.S)
+    assert match, f"no {language} block after {after!r}"
+    return match.group(1)
+
+
+def test_the_readme_config_runs_as_written_with_its_hub_base(tmp_path: Path) -> None:
+    """The README's example config, byte for byte: its base is a hub id (served by a loopback
+    hub, tests/fake_hub.py), its models a local fine-tune and a local PEFT adapter."""
+    import shutil
+
+    from .fake_hub import FakeHub
+
+    config = _readme_block("A config (keys as in mergekit", "yaml")
+    hub_id = re.search(r"^base_model: (\S+)", config, re.M).group(1)
+    demo, work = tmp_path / "demo", tmp_path / "work"
+    made = run_cli("make-tiny", str(demo), "--lora", "1")
+    assert made.returncode == 0, made.stderr
+    work.mkdir()
+    shutil.copytree(demo / "ft0", work / "math-ft")
+    shutil.copytree(demo / "lora0", work / "code-lora")
+    (work / "merge.yaml").write_text(config)
+    with FakeHub({hub_id: demo / "base"}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+               "STAR_DIST_CACHE": str(tmp_path / "cache"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        result = run_cli("merge", "merge.yaml", "out/", "--runtime", "local", "-q", "--json", cwd=work, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = work / "out"
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+    card = (out / "README.md").read_text()
+    assert f"base_model: {hub_id}" in card  # the hub id, as the user wrote it

@@ -56,6 +56,16 @@ GPU_RATES = Rates("one H100-class GPU (assumed: 50 TFLOP/s float64 GEMM, 1 TFLOP
                   "2 GB/s read, 1 GB/s write per worker)", 50e12, 1e12, 2e9, 1e9)
 
 
+# For ordering shards only (most expensive first): fixed, so that every process plans the
+# same order (a measured rate varies from run to run); a CPU core's typical float64 rates.
+ORDERING_CPU_RATES = Rates("a typical CPU core (assumed, for ordering shards)", 20e9, 2e9, 1e9, 0.5e9)
+
+
+def ordering_rates(device: str) -> Rates:
+    """The fixed rates shards are ordered by on `device` ("cpu", "cuda" or "auto")."""
+    return ORDERING_CPU_RATES if device == "cpu" else GPU_RATES
+
+
 @dataclass(frozen=True)
 class TensorWork:
     """One output tensor as the estimate sees it (built by the planner from its job)."""
@@ -269,6 +279,23 @@ class _Totals:
         """Time with no overlap of compute and I/O (an upper bound for a balanced plan)."""
         return (self.gemm / rates.gemm_flops + self.eig / rates.eig_flops + self.read / rates.read_bps
                 + self.written / rates.write_bps) / max(workers, 1)
+
+
+def work_seconds(works: list[TensorWork], method: Any, rates: Rates) -> float:
+    """One worker's time for `works` at `rates`: the cost model's number for a shard, which
+    the driver uses to hand out the most expensive shards first.
+
+    Args:
+        works: the shard's tensors.
+        method: the merge method (a `MergeMethod`).
+        rates: the device's rates.
+    Returns:
+        Seconds.
+    """
+    flops = [spectral_flops(w) for w in works] if method.name in SPECTRAL_METHODS else []
+    totals = _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
+                     sum(w.bytes_read for w in works), sum(w.bytes_out for w in works))
+    return totals.seconds(rates, 1)
 
 
 def estimate(works: list[TensorWork], method: Any, workers: int, device: str,

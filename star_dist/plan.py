@@ -21,7 +21,7 @@ import torch
 from .checkpoint import Checkpoint, resolve_model_folder
 from .config import DTYPE_NAMES, MergeConfig, RunOptions
 from .errors import ConfigError, InputError
-from .estimate import SPECTRAL_METHODS, Estimate, TensorWork, estimate
+from .estimate import SPECTRAL_METHODS, Estimate, Rates, TensorWork, estimate, ordering_rates, work_seconds
 from .hub import HubFile, content_id, hub_files, is_hub_id
 from .inputs import FullInput, LoraAdapter, LoraSource, absolute_source, open_input
 from .lora import ADAPTER_FILE
@@ -195,7 +195,8 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     groups = _group_tensors(config, _placed(tensor_jobs, cost.routed_to_cpu), options.max_shard_size)
     hub = _hub_files(config, base, inputs)
     identity = plan_identity(config, options, base, inputs, groups, hub)
-    shards = _shard_jobs(config, method, groups, out_dir, options, identity["fingerprint"], hub)
+    shards = _shard_jobs(config, method, groups, out_dir, options, identity["fingerprint"], hub,
+                         ordering_rates(options.device))
     return MergePlan(
         config=config,
         out_dir=out_dir,
@@ -204,7 +205,7 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         shards=shards,
         fingerprint=identity["fingerprint"],
         identity=identity,
-        n_svds=sum(_cost(list(s.tensors), config.merge_method)[1] for s in shards),
+        n_svds=_svd_count([t for s in shards for t in s.tensors], config.merge_method),
         peak_memory_per_worker=cost.cpu.peak_device_bytes if options.device == "cpu" else cost.gpu.peak_device_bytes,
         estimate=cost,
         warnings=[*base.notes, *(n for inp in inputs if isinstance(inp, FullInput) for n in inp.checkpoint.notes),
@@ -275,8 +276,9 @@ def _group_tensors(config: MergeConfig, jobs: list[TensorJob], max_shard_size: i
 
 
 def _shard_jobs(config: MergeConfig, method: MergeMethod, groups: list[list[TensorJob]], out_dir: Path,
-                options: RunOptions, fingerprint: str, hub: dict[str, HubFile]) -> list[ShardJob]:
-    """The picklable unit of work for each group of tensors."""
+                options: RunOptions, fingerprint: str, hub: dict[str, HubFile], rates: Rates) -> list[ShardJob]:
+    """The picklable unit of work for each group of tensors; its cost is the cost model's
+    time for it at `rates` (FLOPs and bytes), so the slowest shards are handed out first."""
     return [
         ShardJob(
             index=i,
@@ -292,7 +294,7 @@ def _shard_jobs(config: MergeConfig, method: MergeMethod, groups: list[list[Tens
             threads=options.threads_per_worker,
             device=options.device,
             fingerprint=fingerprint,
-            cost=_cost(tensors, config.merge_method)[0],
+            cost=work_seconds(tensor_works(tensors), method, rates),
             bytes_read=sum(_bytes_read(t) for t in tensors),
             bytes_out=sum(t.out_bytes for t in tensors),
             output_format=config.output_format,
@@ -437,26 +439,11 @@ def _bytes_read(job: TensorJob) -> int:
     return total
 
 
-def _cost(tensors: list[TensorJob], method: str) -> tuple[float, int]:
-    """A relative cost: SVD flops for STAR's matrices, one pass per model otherwise."""
-    cost, svds = 0.0, 0
-    for t in tensors:
-        if not t.merge:
-            cost += t.base.numel
-            continue
-        for src in t.models:
-            if src is None:
-                continue
-            if method in SPECTRAL_METHODS and len(t.shape) == 2:
-                m, n = t.shape
-                if isinstance(src, LoraSource):
-                    cost += (m + n) * src.rank**2
-                else:
-                    cost += m * n * min(m, n)
-                svds += 1
-            else:
-                cost += t.base.numel
-    return cost, svds
+def _svd_count(jobs: list[TensorJob], method: str) -> int:
+    """Spectral decompositions the merge runs: one per task vector of each merged matrix."""
+    if method not in SPECTRAL_METHODS:
+        return 0
+    return sum(1 for t in jobs if t.merge and len(t.shape) == 2 for src in t.models if src is not None)
 
 
 # The layout of this identity and the numerics behind the bytes: bump it whenever the same

@@ -177,3 +177,20 @@ def test_plan_of_twelve_70b_fine_tunes_from_headers(tmp_path: Path) -> None:
     assert est["svd_flops"] > 1e16 and est["workers"] == 8
     assert 0 < est["gpu"]["seconds"] < est["cpu"]["seconds"]
     assert "assumed" in est["gpu"]["rates"]["label"] and "measured" in est["cpu"]["rates"]["label"]
+
+
+def test_shards_are_costed_by_the_cost_model_the_same_in_every_process(tiny_fp32: Path) -> None:
+    """A shard's cost is the cost model's time at fixed rates: spectral FLOPs count, so of two
+    shards with the same bytes the one holding matrices costs more, and two plans agree."""
+    plans = [star_dist.plan(tiny_fp32 / "merge.yaml", max_shard_size="60kB") for _ in range(2)]
+    assert [s.cost for s in plans[0].shards] == [s.cost for s in plans[1].shards]
+    star = plans[0]
+    flops_free = [dataclasses.replace(s, tensors=tuple(dataclasses.replace(t, shape=(t.base.numel,))
+                                                       for t in s.tensors)) for s in star.shards]
+    for shard, flat in zip(star.shards, flops_free, strict=True):
+        flat_cost = star_dist.estimate.work_seconds(tensor_works(list(flat.tensors)), get_method("star"),
+                                                    star_dist.estimate.ordering_rates("auto"))
+        has_matrix = any(t.merge and len(t.shape) == 2 for t in shard.tensors)
+        assert (shard.cost > flat_cost) == has_matrix
+    matrices = sum(1 for s in star.shards for t in s.tensors if t.merge and len(t.shape) == 2)
+    assert star.n_svds == 3 * matrices  # one per fine-tune per matrix

@@ -5,8 +5,9 @@ device this process can use. `Uploader` feeds a sequence of host tensors to that
 CUDA each tensor is staged in a reused pinned (page-locked) host buffer and copied on a side
 stream, so the next tensor's host→device copy runs while the current one is being merged,
 and the compute stream waits on an event, never the host. On the CPU it hands tensors
-through unchanged. The shard loop calls `Uploader.stream_of(loads)`: a generator that yields
-each tensor on the device after starting the next one's copy.
+through unchanged. The merge loop (`TensorMerger._task_vectors`) calls
+`Uploader.stream_of(loads)` over a tensor's fine-tunes: a generator that yields each input on
+the device after starting the next one's copy.
 """
 
 from __future__ import annotations

@@ -130,9 +130,16 @@ def working_set(work: TensorWork, method: Any, n_models: int, device: str = "cud
     Returns:
         Bytes.
     """
-    f32 = 4 * work.numel
     if not work.merge:
         return work.bytes_out
+    # On a GPU the next dense input is already on its way (device.Uploader): one more input.
+    in_flight = work.bytes_read // (len(work.ranks) + 1) if device == "cuda" and None in work.ranks else 0
+    return _compute_bytes(work, method, n_models, device) + in_flight
+
+
+def _compute_bytes(work: TensorWork, method: Any, n_models: int, device: str) -> int:
+    """The copies the merge itself holds (working_set without the upload in flight)."""
+    f32 = 4 * work.numel
     if hasattr(method, "working_bytes"):
         return int(method.working_bytes(work.shape, n_models))
     if method.name in SPECTRAL_METHODS and len(work.shape) == 2:

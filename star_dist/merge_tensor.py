@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .device import Uploader
 from .device import resolve_device as resolve_device  # the shard runner's import; device.py owns it
 from .errors import DataError, InputError, MergeError
 from .lora import LoraSource
@@ -44,6 +45,7 @@ class TensorMerger:
         reader: TensorReader,
         device: torch.device,
         compute_dtype: str = "float32",
+        uploader: Uploader | None = None,
     ) -> None:
         self.method = method
         self.weights = weights
@@ -52,6 +54,9 @@ class TensorMerger:
         self.device = device
         self.config_dtype = COMPUTE_DTYPES[compute_dtype]
         self.dtype = self.config_dtype
+        # On a GPU: pinned buffers and a side stream, so model i+1's input is copied while
+        # model i's task vector is merged (device.py). On the CPU it hands tensors through.
+        self.uploader = uploader if uploader is not None else Uploader(device)
 
     # -- mergekit per-tensor values (TensorJob.params, resolved by the plan) ---------------------
     def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -194,8 +199,7 @@ class TensorMerger:
         assert isinstance(self.method, StreamingMethod)
         acc = torch.zeros_like(base)  # (shape): Σ w_i f(τ_i)
         per_model: list[dict[str, Any] | None] = []
-        for weight, src in zip(self.weights, job.models, strict=True):
-            tau = self._task_vector(src, base, job.name)
+        for weight, tau in zip(self.weights, self._task_vectors(job, base), strict=True):
             if tau is None:
                 per_model.append(None)
                 continue
@@ -211,15 +215,12 @@ class TensorMerger:
         tensor); `base` is None for an adapter job, whose sources are all LoRA factors."""
         assert isinstance(self.method, FoldMethod)
         fold = self.method.fold(job.shape, len(job.models))
-        present = [(i, w, src) for i, (w, src) in enumerate(zip(self.weights, job.models, strict=True))
-                   if src is not None]
-        if not present:
+        if all(src is None for src in job.models):
             return None, {}
         for step in range(fold.passes):
-            for i, weight, src in present:
-                tau = self._task_vector(src, base, job.name)  # type: ignore[arg-type]
-                assert tau is not None
-                fold.add(tau, weight, i, step)
+            for i, (weight, tau) in enumerate(zip(self.weights, self._task_vectors(job, base), strict=True)):
+                if tau is not None:
+                    fold.add(tau, weight, i, step)
                 del tau
         return fold.finish()
 
@@ -227,8 +228,7 @@ class TensorMerger:
     def _merge_joint(self, job: TensorJob, base: torch.Tensor) -> torch.Tensor:
         assert isinstance(self.method, JointMethod)
         prepared = []
-        for i, src in enumerate(job.models):  # pass 1: per-model statistics of whole task vectors
-            tau = self._task_vector(src, base, job.name)
+        for i, tau in enumerate(self._task_vectors(job, base)):  # pass 1: per-model statistics of whole τ
             prepared.append(self.method.prepare(dense(tau) if tau is not None else torch.zeros_like(base), i))
             del tau
         # Entries per row from the shape, not base[0]: a tensor with no rows ((0, n), (0,)) has
@@ -268,6 +268,25 @@ class TensorMerger:
         if check and not finite(value):
             raise DataError(_input_not_finite(entry, name))
         return value
+
+    def _task_vectors(self, job: TensorJob, base: torch.Tensor | None) -> Iterator[TaskVector | None]:
+        """Each model's τ_i, in order (None where a model lacks the tensor). On a GPU the dense
+        inputs go through the uploader in their stored dtype: the next one's copy is started
+        before this one is handed out, so it overlaps this one's merge (an SVD, a sum)."""
+        if not self.uploader.on_gpu or job.device is not None or base is None:  # CPU, or routed to it
+            for src in job.models:
+                yield self._task_vector(src, base, job.name)  # type: ignore[arg-type]
+            return
+        dense = [src for src in job.models if isinstance(src, TensorEntry)]
+        uploaded = self.uploader.stream_of((lambda src=src: self.reader.read(src)) for src in dense)
+        for src in job.models:
+            if isinstance(src, TensorEntry):
+                value = next(uploaded).to(self.dtype)  # a private device tensor: converted there
+                if not finite(value):
+                    raise DataError(_input_not_finite(src, job.name))
+                yield value.sub_(base)
+            else:
+                yield self._task_vector(src, base, job.name)
 
     def _task_vector(self, src: Source, base: torch.Tensor, name: str) -> TaskVector | None:
         if src is None:

@@ -116,3 +116,35 @@ def test_uploader_cuda_logic_double_buffers_and_never_blocks_on_the_current_copy
         "compute waits e3", "keep", "use3",
     ]
     assert log == expected
+
+
+@pytest.mark.parametrize("method", ["star", "task_arithmetic", "ties", "tsv", "iso_cts"])
+def test_the_merge_loop_streams_inputs_through_the_uploader_with_the_same_result(
+    tiny_bf16, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shard loop's GPU path (each model's input copied by the uploader, the next one in
+    flight while the current one merges), run on the CPU with the stand-in CUDA calls: every
+    tensor comes out bit-identical to the plain path, and every dense input went through it.
+    The CPU-only fused sum is off, as on a GPU."""
+    import star_dist
+    from star_dist.merge_tensor import TensorMerger
+    from star_dist.safetensors_format import TensorReader
+    from star_dist.shard import method_of
+
+    plan = star_dist.plan({"merge_method": method, "base_model": str(tiny_bf16 / "base"),
+                           "models": [{"model": str(tiny_bf16 / f"ft{i}")} for i in range(3)],
+                           "parameters": {"density": 0.5} if method == "ties" else {}})
+    monkeypatch.setattr(TensorMerger, "_fusable", lambda self, job: False)
+    log: list[str] = []
+    streamed_inputs = 0
+    with TensorReader() as reader:
+        for shard in plan.shards:
+            args = (method_of(shard), shard.weights, shard.lambda_, reader, torch.device("cpu"))
+            plain = TensorMerger(*args)
+            streamed = TensorMerger(*args, uploader=Uploader(torch.device("cuda"), ops=RecordingOps(log)))
+            for job in shard.tensors:
+                expected, _ = plain.merge(job)
+                got, _ = streamed.merge(job)
+                assert torch.equal(got, expected), job.name
+                streamed_inputs += len(job.models) if job.merge else 0
+    assert log.count("keep") >= streamed_inputs > 0  # once per dense input and pass (Iso-CTS: two)

@@ -84,7 +84,11 @@ def test_working_sets_follow_the_method() -> None:
     lora = working_set(_work((4096, 4096), ranks=(16,) * 12), star, 12)
     assert lora < working_set(_work((4096, 4096), ranks=(None,) * 12), star, 12)
     tsv = get_method("tsv")  # a method that states its own working set is asked
-    assert working_set(embed, tsv, 12) == tsv.working_bytes(EMBED, 12)
+    assert working_set(embed, tsv, 12, "cpu") == tsv.working_bytes(EMBED, 12)
+    for method in (star, tsv, ties):  # on a GPU the next input's copy is in flight: one more bf16 input
+        assert working_set(embed, method, 12, "cuda") - working_set(embed, method, 12, "cpu") == 2 * math.prod(EMBED)
+    assert working_set(lora_only := _work((4096, 4096), ranks=(16,) * 12), star, 12, "cuda") == working_set(
+        lora_only, star, 12, "cpu")  # LoRA factors are not streamed
 
 
 def test_a_tensor_too_big_for_the_gpu_goes_to_the_cpu_or_the_plan_fails() -> None:
@@ -172,8 +176,9 @@ def test_plan_of_twelve_70b_fine_tunes_from_headers(tmp_path: Path) -> None:
     assert est["bytes_written"] / 8 <= busiest["bytes_written"] < est["bytes_written"] / 4
     assert est["bytes_read"] == 13 * 2 * params and est["bytes_written"] == 2 * params
     assert est["budget_bytes"] == 40 * 2**30 and est["routed_to_cpu"] == []
-    embed = working_set(_work(EMBED, ranks=(None,) * 12), get_method("star"), 12)
-    assert est["gpu"]["peak_device_bytes"] == est["cpu"]["peak_device_bytes"] == embed  # the 128256 × 8192 one
+    embed = _work(EMBED, ranks=(None,) * 12)  # the 128256 × 8192 one is the largest on either device
+    assert est["gpu"]["peak_device_bytes"] == working_set(embed, get_method("star"), 12, "cuda")
+    assert est["cpu"]["peak_device_bytes"] == working_set(embed, get_method("star"), 12, "cpu")
     assert est["svd_flops"] > 1e16 and est["workers"] == 8
     assert 0 < est["gpu"]["seconds"] < est["cpu"]["seconds"]
     assert "assumed" in est["gpu"]["rates"]["label"] and "measured" in est["cpu"]["rates"]["label"]

@@ -195,6 +195,13 @@ def measured_cpu_rates(threads: int = 1, size: int = 512) -> Rates:
                  "1 GB/s read, 0.5 GB/s write)", 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, 1e9, 0.5e9)
 
 
+def io_only_cpu_rates(threads: int = 1) -> Rates:
+    """The CPU's rates for a merge without spectral FLOPs: only the (assumed) disk rates count,
+    so nothing is probed (the probe costs 0.1 s, more than a small task-arithmetic plan)."""
+    return Rates(f"the CPU of this machine ({threads} thread(s) per worker; no spectral FLOPs, so not probed; "
+                 "disk assumed 1 GB/s read, 0.5 GB/s write)", 0.0, 0.0, 1e9, 0.5e9)  # 0: not probed
+
+
 def _best_of(call: Any, repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):
@@ -284,7 +291,8 @@ class _Totals:
 
     def seconds(self, rates: Rates, workers: int) -> float:
         """Time with no overlap of compute and I/O (an upper bound for a balanced plan)."""
-        return (self.gemm / rates.gemm_flops + self.eig / rates.eig_flops + self.read / rates.read_bps
+        compute = (self.gemm / rates.gemm_flops + self.eig / rates.eig_flops) if self.gemm or self.eig else 0.0
+        return (compute + self.read / rates.read_bps
                 + self.written / rates.write_bps) / max(workers, 1)
 
 
@@ -335,7 +343,7 @@ def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
     flops = [spectral_flops(w) for w in works] if method.name in SPECTRAL_METHODS else []
     totals = _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
                      sum(w.bytes_read for w in works), sum(w.bytes_out for w in works))
-    rates = cpu_rates or measured_cpu_rates(threads)
+    rates = cpu_rates or (measured_cpu_rates(threads) if flops else io_only_cpu_rates(threads))
     peak_cpu = max(on_cpu.values(), default=0)
     cpu = DeviceEstimate("cpu", peak_cpu, peak_cpu, totals.seconds(rates, workers), rates)
     gpu = DeviceEstimate("cuda", max((v for k, v in on_gpu.items() if k not in routed), default=0),

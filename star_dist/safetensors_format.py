@@ -368,9 +368,10 @@ class StreamingShardWriter:
     """Writes one safetensors file tensor by tensor to `<final>.tmp`, hashing as it goes;
     `commit()` fsyncs and renames it to its final name, so no half-written file ever has it.
 
-    With `background=True` each tensor is written and hashed by one helper thread while the
-    caller computes the next (file writes and sha256 release the GIL): at most one tensor is
-    in flight, and an error it met (a full disk) is raised by the next `write` or by `commit`.
+    With `background=True` each tensor is written by a helper thread (and hashed by another,
+    at the same time) while the caller computes the next (file writes and sha256 release the
+    GIL): at most one tensor is in flight, and an error it met (a full disk) is raised by the
+    next `write` or by `commit`.
     """
 
     def __init__(
@@ -385,12 +386,22 @@ class StreamingShardWriter:
         self._written = 0
         self._bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer") if background else None
+        # In the background, sha256 runs on its own thread beside the write (both release the
+        # GIL): a tensor then costs max(write, hash), not their sum.
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="shard-hasher") if background else None
         self._pending: Future[None] | None = None
         self._put(header)
 
     def _put(self, data: bytes | memoryview) -> None:
-        self._fh.write(data)
-        self._hash.update(data)
+        if self._hasher is None:
+            self._fh.write(data)
+            self._hash.update(data)
+        else:
+            hashed = self._hasher.submit(self._hash.update, data)  # in order: one update in flight
+            try:
+                self._fh.write(data)
+            finally:
+                hashed.result()
         self._bytes += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -430,8 +441,9 @@ class StreamingShardWriter:
 
     def _stop(self) -> None:
         """Wait for the helper thread (if any) to finish and end it."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._hasher):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def abort(self) -> None:
         """Close and remove the temporary file (after an error). Closing flushes the buffer,

@@ -44,16 +44,26 @@ class Rates:
     eig_flops: float  # symmetric eigenvalues / SVD values, FLOP/s
     read_bps: float  # input bytes per second, per worker
     write_bps: float  # output bytes per second, per worker
+    elementwise: bool = True  # count the streaming kernels' per-element CPU time (ELEMENT_SECONDS)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "gemm_flops": self.gemm_flops, "eig_flops": self.eig_flops,
-                "read_bytes_per_s": self.read_bps, "write_bytes_per_s": self.write_bps}
+                "read_bytes_per_s": self.read_bps, "write_bytes_per_s": self.write_bps,
+                "elementwise_seconds": ELEMENT_SECONDS if self.elementwise else {}}
+
+
+# CPU seconds per element per fine-tune of the kernels that are not I/O-bound, calibrated
+# with scripts/bench/compare.py (99.5M-parameter llama × 4, 1 thread, the 2-core development
+# machine, others holding ~1.5 cores): TIES' trim (radix select), sign election and disjoint
+# mean, 22.7 ns (fp32) to 26.8 ns (bf16) beyond the I/O model. Task arithmetic and average sum
+# in cache-sized blocks and fit the I/O model alone (within 16%). Not counted on a GPU.
+ELEMENT_SECONDS = {"ties": 25e-9}
 
 
 # Assumed, not measured here (no GPU on the machine this was written on): an H100/H200-class
 # GPU runs float64 GEMMs near 50 TFLOP/s, but a dense eigensolver far below that.
 GPU_RATES = Rates("one H100-class GPU (assumed: 50 TFLOP/s float64 GEMM, 1 TFLOP/s eigensolver, "
-                  "2 GB/s read, 1 GB/s write per worker)", 50e12, 1e12, 2e9, 1e9)
+                  "2 GB/s read, 1 GB/s write per worker)", 50e12, 1e12, 2e9, 1e9, elementwise=False)
 
 
 # For ordering shards only (most expensive first): fixed, so that every process plans the
@@ -288,12 +298,24 @@ class _Totals:
     eig: float
     read: int
     written: int
+    elementwise: float = 0.0  # CPU seconds of the streaming kernels (ELEMENT_SECONDS)
 
     def seconds(self, rates: Rates, workers: int) -> float:
         """Time with no overlap of compute and I/O (an upper bound for a balanced plan)."""
         compute = (self.gemm / rates.gemm_flops + self.eig / rates.eig_flops) if self.gemm or self.eig else 0.0
+        if rates.elementwise:
+            compute += self.elementwise
         return (compute + self.read / rates.read_bps
                 + self.written / rates.write_bps) / max(workers, 1)
+
+
+def _totals(works: list[TensorWork], method: Any) -> _Totals:
+    """FLOPs, bytes and elementwise seconds of `works` under `method`."""
+    flops = [spectral_flops(w) for w in works] if method.name in SPECTRAL_METHODS else []
+    per_element = ELEMENT_SECONDS.get(method.name, 0.0)
+    elementwise = per_element * sum(w.numel * len(w.ranks) for w in works if w.merge)
+    return _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
+                   sum(w.bytes_read for w in works), sum(w.bytes_out for w in works), elementwise)
 
 
 def work_seconds(works: list[TensorWork], method: Any, rates: Rates) -> float:
@@ -307,10 +329,7 @@ def work_seconds(works: list[TensorWork], method: Any, rates: Rates) -> float:
     Returns:
         Seconds.
     """
-    flops = [spectral_flops(w) for w in works] if method.name in SPECTRAL_METHODS else []
-    totals = _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
-                     sum(w.bytes_read for w in works), sum(w.bytes_out for w in works))
-    return totals.seconds(rates, 1)
+    return _totals(works, method).seconds(rates, 1)
 
 
 def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
@@ -340,10 +359,8 @@ def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
     if cpu_budget is None:
         cpu_budget = budget if target == "cpu" else default_budget("cpu")[0]
     routed = place_tensors(on_cpu if target == "cpu" else on_gpu, target, budget, cpu_budget)
-    flops = [spectral_flops(w) for w in works] if method.name in SPECTRAL_METHODS else []
-    totals = _Totals(sum(f[0] for f in flops), sum(f[1] for f in flops),
-                     sum(w.bytes_read for w in works), sum(w.bytes_out for w in works))
-    rates = cpu_rates or (measured_cpu_rates(threads) if flops else io_only_cpu_rates(threads))
+    totals = _totals(works, method)
+    rates = cpu_rates or (measured_cpu_rates(threads) if totals.gemm or totals.eig else io_only_cpu_rates(threads))
     peak_cpu = max(on_cpu.values(), default=0)
     cpu = DeviceEstimate("cpu", peak_cpu, peak_cpu, totals.seconds(rates, workers), rates)
     gpu = DeviceEstimate("cuda", max((v for k, v in on_gpu.items() if k not in routed), default=0),

@@ -16,6 +16,7 @@ from safetensors import safe_open
 import star_dist
 from star_dist.errors import ConfigError
 from star_dist.estimate import (
+    ELEMENT_SECONDS,
     GPU_RATES,
     Rates,
     TensorWork,
@@ -199,3 +200,15 @@ def test_shards_are_costed_by_the_cost_model_the_same_in_every_process(tiny_fp32
         assert (shard.cost > flat_cost) == has_matrix
     matrices = sum(1 for s in star.shards for t in s.tensors if t.merge and len(t.shape) == 2)
     assert star.n_svds == 3 * matrices  # one per fine-tune per matrix
+
+
+def test_ties_time_counts_its_calibrated_per_element_kernel_on_the_cpu_only() -> None:
+    works = [_work((4096, 1024), ranks=(None,) * 4), _work((1024,), ranks=(None,) * 4)]
+    ta, ties = get_method("task_arithmetic"), get_method("ties")
+    elements = 4 * (4096 * 1024 + 1024)
+    cpu_gap = (estimate(works, ties, 1, "cpu", cpu_rates=FIXED_RATES).cpu.seconds
+               - estimate(works, ta, 1, "cpu", cpu_rates=FIXED_RATES).cpu.seconds)
+    assert cpu_gap == pytest.approx(ELEMENT_SECONDS["ties"] * elements)
+    gpu = [estimate(works, m, 1, "cuda", budget=2**34, cpu_budget=2**34, cpu_rates=FIXED_RATES).gpu.seconds
+           for m in (ta, ties)]
+    assert gpu[0] == gpu[1]  # not counted on a GPU (unmeasured there)

@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"round {rnd} {dtype:8s} {contender:10s} {sample['inner_s']:8.2f} s  "
                       f"anon {sample['peak_rss_anon'] / 2**20:7.0f} MiB  others {sample['others_cores']:.2f} cores")
     result["machine"]["star_dist_digest_at_end"] = machine_info()["star_dist_digest"]
-    result["plan_peak_memory"] = plan_estimates(models, args.contenders)
+    result["plan_peak_memory"], result["plan_seconds"] = plan_estimates(models, args.contenders)
     result["summary"] = summarize(result["samples"])
     return result
 
@@ -257,16 +257,19 @@ def _one(contender: str, models: Path, out: Path, dtype: str, mk_python: Path | 
     return sample
 
 
-def plan_estimates(models: dict[str, Path], contenders: list[str]) -> dict[str, int]:
-    """`star-dist plan`'s peak memory per worker for each star_dist contender (headers only)."""
+def plan_estimates(models: dict[str, Path], contenders: list[str]) -> tuple[dict[str, int], dict[str, float]]:
+    """`star-dist plan`'s peak memory per worker and its CPU time estimate (one worker, one
+    thread, as the contenders run) for each star_dist contender (headers only)."""
     import star_dist
 
-    out = {}
+    memory, seconds = {}, {}
     for dtype, folder in models.items():
         for contender in (c for c in contenders if c.startswith("sd_")):
             config = merge_config(folder, contender.split("_", 1)[1], dtype)
-            out[f"{dtype}/{contender}"] = star_dist.plan(config, "/tmp/unused").peak_memory_per_worker
-    return out
+            plan = star_dist.plan(config, "/tmp/unused", device="cpu", workers=1, threads_per_worker=1)
+            memory[f"{dtype}/{contender}"] = plan.peak_memory_per_worker
+            seconds[f"{dtype}/{contender}"] = plan.estimate.cpu.seconds if plan.estimate else float("nan")
+    return memory, seconds
 
 
 def _count_params(models: Path) -> int:
@@ -368,7 +371,19 @@ def _plan_lines(result: dict[str, Any]) -> list[str]:
             measured = row["peak_rss_anon"]
             lines.append(f"| {LABELS.get(contender, contender)}, {dtype} | {estimate / 2**20:.0f} | "
                          f"{measured / 2**20:.0f} | {estimate / measured:.2f} |")
-    return [*lines, ""]
+    lines.append("")
+    seconds = result.get("plan_seconds", {})
+    if seconds:
+        lines += ["| plan's time estimate (CPU, 1 worker) vs measured merge time (median) | estimate s | "
+                  "measured s | estimate / measured |", "|---|---|---|---|"]
+        for key, estimate in sorted(seconds.items()):
+            dtype, contender = key.split("/")
+            row = result["summary"].get(dtype, {}).get("median", {}).get(contender)
+            if row:
+                lines.append(f"| {LABELS.get(contender, contender)}, {dtype} | {estimate:.2f} | "
+                             f"{row['inner_s']:.2f} | {estimate / row['inner_s']:.2f} |")
+        lines.append("")
+    return lines
 
 
 def _table(dtype: str, block: dict[str, Any]) -> list[str]:

@@ -136,18 +136,27 @@ def working_set(work: TensorWork, method: Any, n_models: int, device: str = "cud
         method: the merge method (a `MergeMethod`); one that states its own `working_bytes`
             (TSV-M, Iso) is asked, the others follow the copies scripts/bench/memory.py measured.
         n_models: how many fine-tunes are merged.
-        device: "cpu" or "cuda" (task arithmetic sums in blocks only on the CPU).
+        device: "cpu" or "cuda" (a GPU holds one more input, in flight).
     Returns:
         Bytes.
     """
     if not work.merge:
         return work.bytes_out
-    # On a GPU the next dense input is already on its way (device.Uploader): one more input.
+    # On a GPU the next dense input is already on its way (device.Uploader): one more input;
+    # not for the fused sum, which runs on the CPU on every device.
+    fused = _fused(work, method)
+    if fused and device == "cuda":
+        return 0  # summed in host RAM (see _gpu_host_bytes), never on the GPU
     in_flight = work.bytes_read // (len(work.ranks) + 1) if device == "cuda" and None in work.ranks else 0
-    return _compute_bytes(work, method, n_models, device) + in_flight
+    return _compute_bytes(work, method, n_models, fused) + in_flight
 
 
-def _compute_bytes(work: TensorWork, method: Any, n_models: int, device: str) -> int:
+def _fused(work: TensorWork, method: Any) -> bool:
+    """Whether the merge engine sums this tensor with the fused CPU kernel (TensorMerger._fusable)."""
+    return method.streaming and getattr(method, "identity", False) and all(r is None for r in work.ranks)
+
+
+def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool) -> int:
     """The copies the merge itself holds (working_set without the upload in flight)."""
     f32 = 4 * work.numel
     if hasattr(method, "working_bytes"):
@@ -158,7 +167,6 @@ def _compute_bytes(work: TensorWork, method: Any, n_models: int, device: str) ->
             return int(3 * f32 + 32 * (m + n) * sum(r or 0 for r in work.ranks))
         return int(SPECTRAL_COPIES * f32 + 8 * min(work.shape) ** 2)
     if method.streaming:
-        fused = device == "cpu" and getattr(method, "identity", False) and all(r is None for r in work.ranks)
         return int((FUSED_STREAMING_COPIES if fused else STREAMING_COPIES) * f32)
     return int(JOINT_COPIES * f32)
 
@@ -364,13 +372,16 @@ def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
     peak_cpu = max(on_cpu.values(), default=0)
     cpu = DeviceEstimate("cpu", peak_cpu, peak_cpu, totals.seconds(rates, workers), rates)
     gpu = DeviceEstimate("cuda", max((v for k, v in on_gpu.items() if k not in routed), default=0),
-                         _gpu_host_bytes(works, on_cpu, routed), totals.seconds(GPU_RATES, workers), GPU_RATES)
+                         _gpu_host_bytes(works, on_cpu, routed, on_gpu), totals.seconds(GPU_RATES, workers), GPU_RATES)
     return Estimate(workers, totals.gemm + totals.eig, totals.read, totals.written, cpu, gpu,
                     budget, source, routed)
 
 
-def _gpu_host_bytes(works: list[TensorWork], on_cpu: dict[str, int], routed: tuple[str, ...]) -> int:
+def _gpu_host_bytes(works: list[TensorWork], on_cpu: dict[str, int], routed: tuple[str, ...],
+                    on_gpu: dict[str, int]) -> int:
     """Host RAM of a GPU worker: pinned buffers for one tensor's base + one model's input
-    (bytes_read spread over base and models), or the working set of a tensor routed to the CPU."""
+    (bytes_read spread over base and models), or the working set of a tensor merged on the
+    CPU (routed there, or a fused sum, which never goes to the GPU)."""
     one_pair = max((2 * w.bytes_read // (len(w.ranks) + 1) for w in works), default=0)
-    return max(PINNED_BUFFERS * one_pair, max((on_cpu[name] for name in routed), default=0))
+    on_host = [on_cpu[name] for name in on_cpu if name in routed or on_gpu.get(name) == 0]
+    return max(PINNED_BUFFERS * one_pair, max(on_host, default=0))

@@ -124,10 +124,12 @@ class TensorMerger:
 
     # -- fused: base + λ Σ w_i τ_i in one pass over the mapped inputs --------------------------
     def _fusable(self, job: TensorJob) -> bool:
+        """Task arithmetic and average of dense inputs: the fused CPU sum, on every device. They
+        are I/O-bound (a few flops per byte read), so a GPU would add a host→device→host round
+        trip and whole-tensor copies in its memory for no speed; the maps are read once here."""
         return (
             isinstance(self.method, StreamingMethod)
             and self.method.identity
-            and self.device.type == "cpu"
             and all(isinstance(src, TensorEntry) for src in job.models)
         )
 

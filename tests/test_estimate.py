@@ -80,7 +80,9 @@ def test_working_sets_follow_the_method() -> None:
     f32 = 4 * math.prod(EMBED)
     star, ties, ta = get_method("star"), get_method("ties"), get_method("task_arithmetic")
     assert working_set(embed, star, 12) > 4 * f32 + 8 * 8192**2  # τ and its copies, plus the float64 Gram matrix
-    assert working_set(embed, ta, 12, "cpu") < working_set(embed, ta, 12, "cuda") < working_set(embed, star, 12)
+    assert working_set(embed, ta, 12, "cuda") == 0 < working_set(embed, ta, 12, "cpu") < working_set(embed, star, 12)
+    gpu_ta = estimate([embed], ta, 1, "cuda", budget=2**30, cpu_budget=2**40, cpu_rates=FIXED_RATES).gpu
+    assert gpu_ta.peak_device_bytes == 0 and gpu_ta.peak_host_bytes == working_set(embed, ta, 12, "cpu")
     assert working_set(embed, ties, 2) == working_set(embed, ties, 12)  # cache-sized row blocks: flat in N
     lora = working_set(_work((4096, 4096), ranks=(16,) * 12), star, 12)
     assert lora < working_set(_work((4096, 4096), ranks=(None,) * 12), star, 12)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,14 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
     return subprocess.run(
         [str(BIN / "star-dist"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
     )
+
+
+def run_cli_all(*commands: tuple[str, ...], timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
+    """Several independent `star-dist` commands at once (each its own real subprocess, as
+    `run_cli` runs it), results in the order given: they wait on one another's start-up
+    (~2 s each, mostly importing torch) no longer."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda args: run_cli(*args, timeout=timeout), commands))
 
 
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> dict[str, bytes]:

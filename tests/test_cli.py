@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conftest import run_cli, snapshot
+from .conftest import run_cli, run_cli_all, snapshot
 from .reference import load_folder, star
 
 
 def test_help_for_each_command() -> None:
-    for args in (["--help"], ["merge", "--help"], ["plan", "--help"], ["make-tiny", "--help"]):
-        result = run_cli(*args)
+    results = run_cli_all(("--help",), ("merge", "--help"), ("plan", "--help"), ("make-tiny", "--help"))
+    for result in results:
         assert result.returncode == 0 and "usage: star-dist" in result.stdout
-    merge_help = run_cli("merge", "--help").stdout
+    merge_help = results[1].stdout
     for flag in ("--eta", "--max-shard-size", "--address", "--workers", "--device", "--threads-per-worker",
                  "--overwrite", "--runtime"):
         assert flag in merge_help

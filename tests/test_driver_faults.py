@@ -3,6 +3,7 @@ against a local loopback head that the test starts and stops."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -123,20 +124,28 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
         assert folder_bytes(work / "out") == expected
-        relative = subprocess.run(["bash", "-c", readme_line.replace('"$PWD/merge.yaml" "$PWD/out"', "merge.yaml out")],
-                                  env=env, capture_output=True, text=True, timeout=300, cwd=work)
+        # `--address auto` from a shell that knows nothing of the head's --temp-dir (no
+        # RAY_TMPDIR, no RAY_ADDRESS) still finds it, through its running GCS process. It
+        # runs while the next job is submitted: both only use the head.
+        shell_env = {k: v for k, v in env.items() if k != "RAY_TMPDIR"}
+        joined = subprocess.Popen(
+            [str(BIN / "star-dist"), "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "joined"),
+             "--address", "auto", "--quiet"],
+            env=shell_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            relative = subprocess.run(
+                ["bash", "-c", readme_line.replace('"$PWD/merge.yaml" "$PWD/out"', "merge.yaml out")],
+                env=env, capture_output=True, text=True, timeout=300, cwd=work)
+            _, joined_stderr = joined.communicate(timeout=300)
+        finally:
+            if joined.poll() is None:
+                joined.kill()
+                joined.wait()
         assert relative.returncode != 0
         assert f"merge.yaml: cannot read the config (No such file or directory; looked in {head_dir})" in (
             relative.stdout + relative.stderr)
-        # `--address auto` from a shell that knows nothing of the head's --temp-dir (no
-        # RAY_TMPDIR, no RAY_ADDRESS) still finds it, through its running GCS process.
-        shell_env = {k: v for k, v in env.items() if k != "RAY_TMPDIR"}
-        joined = subprocess.run(
-            [str(BIN / "star-dist"), "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "joined"),
-             "--address", "auto", "--quiet"],
-            env=shell_env, capture_output=True, text=True, timeout=300,
-        )
-        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert joined.returncode == 0, joined_stderr[-3000:]
         assert folder_bytes(tmp_path / "joined") == expected
         # With that head recorded as this machine's current cluster, the embedded default
         # must still start a cluster of its own rather than join (or fail on) the head.
@@ -148,9 +157,12 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         assert embedded.returncode == 0, embedded.stderr[-3000:]
         assert folder_bytes(tmp_path / "embedded") == expected
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
+        # SIGTERM to `ray start --block` alone: it drains the node through its GCS, then stops
+        # what it started (~2 s). Sent to the whole group, the GCS dies first and the drain
+        # waits out its 30 s timeout. Whatever is left of the group then goes with SIGKILL.
+        head.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)

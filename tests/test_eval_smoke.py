@@ -47,6 +47,7 @@ def test_eval_smoke(tmp_path: Path) -> None:
     methods = {r["method"] for r in merged}
     assert {"average", "task arithmetic", "TIES"} <= methods
     assert any(m.startswith("STAR") for m in methods)
+    assert {"TSV-M α=1", "Iso-C (α tuned)", "Iso-CTS α=1"} <= methods  # each spectral method once
     assert {r["regime"] for r in merged} == {"full", "lora"}
     for row in merged:
         assert set(row["test_acc"]) == set(tasks)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, run_cli_all
 
 README = (REPO / "README.md").read_text()
 
@@ -22,7 +22,7 @@ def test_two_commands_are_in_the_readme_and_ci_runs_the_test_one() -> None:
 
 def test_documented_flags_exist() -> None:
     commands = ("merge", "plan", "verify", "report", "make-tiny")
-    help_text = "".join(run_cli(command, "--help").stdout for command in commands) + run_cli("--help").stdout
+    help_text = "".join(r.stdout for r in run_cli_all(*[(command, "--help") for command in commands], ("--help",)))
     documented = set(re.findall(r"`(--[a-z-]+)", README))
     assert {"--eta", "--address", "--workers", "--output-format"} <= documented
     missing = sorted(flag for flag in documented if flag not in help_text and flag != "--help")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import star_dist
 from star_dist.tiny_models import TinyShape, make_tiny_merge
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_all
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -140,9 +140,6 @@ def test_merge_runs_the_check_unless_no_verify(tiny_fp32: Path, tmp_path: Path) 
 
 def test_smoke_passes_a_real_merge_and_catches_a_scrambled_one(merged: Path, tmp_path: Path) -> None:
     """Finite, right shapes, values in the wrong places: only --smoke can tell."""
-    proc = run_cli("verify", str(merged), "--smoke")
-    assert proc.returncode == 0, proc.stderr
-    assert "smoke: next-token loss" in proc.stdout and proc.stdout.strip().endswith(": ok")
 
     def scramble(t: dict[str, torch.Tensor]) -> None:
         g = torch.Generator().manual_seed(0)
@@ -151,9 +148,11 @@ def test_smoke_passes_a_real_merge_and_catches_a_scrambled_one(merged: Path, tmp
                 t[name] = w.flatten()[torch.randperm(w.numel(), generator=g)].reshape(w.shape)
 
     scrambled = _broken(merged, tmp_path, scramble)
-    proc = run_cli("verify", str(scrambled), "--smoke")
-    line = _one_error_line(proc)
-    assert proc.stdout.startswith(f"verified {scrambled}")  # the architecture check cannot see it
+    sound, broken = run_cli_all(("verify", str(merged), "--smoke"), ("verify", str(scrambled), "--smoke"))
+    assert sound.returncode == 0, sound.stderr
+    assert "smoke: next-token loss" in sound.stdout and sound.stdout.strip().endswith(": ok")
+    line = _one_error_line(broken)
+    assert broken.stdout.startswith(f"verified {scrambled}")  # the architecture check cannot see it
     assert f"{scrambled}: the smoke test failed: next-token loss" in line and "FAILED" in line
 
 

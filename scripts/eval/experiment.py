@@ -44,11 +44,14 @@ class Preset:
     star_etas: tuple[int, ...] = mr.STAR_ETAS
     alphas: tuple[float, ...] = mr.ALPHAS  # TSV-M / Iso-C / Iso-CTS α tuned over these
     spectral: tuple[str, ...] = mr.spectral_labels()  # which TSV-M / Iso rows this preset merges
+    spectral_full: tuple[str, ...] | None = None  # the full-FT regime's, if fewer (None: `spectral`)
 
-    def methods(self) -> list[mr.Method]:
+    def methods(self, regime: str) -> list[mr.Method]:
+        """The methods merged in one fine-tuning regime, in report order."""
         every = mr.methods(self.ta_lambdas, self.ties_densities, self.ties_lambdas,
                            self.star_etas, self.alphas)
-        return [m for m in every if m.label not in mr.spectral_labels() or m.label in self.spectral]
+        spectral = self.spectral_full if regime == "full" and self.spectral_full is not None else self.spectral
+        return [m for m in every if m.label not in mr.spectral_labels() or m.label in spectral]
 
 
 @dataclass
@@ -237,7 +240,7 @@ class Experiment:
             for task in names:
                 self.finetune(regime, task, seed)
             for k in p.sweep:
-                for method in p.methods():
+                for method in p.methods(regime):
                     if k != len(names) and method.label not in p.sweep_methods:
                         continue
                     row = self.merge_and_score(method, regime, seed, k)

@@ -125,9 +125,14 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         assert "succeeded" in submit.stdout.lower()
         assert folder_bytes(work / "out") == expected
         # `--address auto` from a shell that knows nothing of the head's --temp-dir (no
-        # RAY_TMPDIR, no RAY_ADDRESS) still finds it, through its running GCS process. It
+        # RAY_TMPDIR, no RAY_ADDRESS) still finds it, through its running GCS process; when
+        # another cluster runs here too (the test session's own), it refuses to pick one. It
         # runs while the next job is submitted: both only use the head.
+        from star_dist.runtime.ray_cluster import _recorded_clusters, _running_gcs_addresses
+
         shell_env = {k: v for k, v in env.items() if k != "RAY_TMPDIR"}
+        others = set(_running_gcs_addresses()) - {f"127.0.0.1:{gcs_port}"}
+        assert not _recorded_clusters() or others, "a recorded cluster here would make --address auto join it"
         joined = subprocess.Popen(
             [str(BIN / "star-dist"), "merge", str(tiny_fp32 / "merge.yaml"), str(tmp_path / "joined"),
              "--address", "auto", "--quiet"],
@@ -145,8 +150,15 @@ def test_ray_job_submit_against_a_local_head(tiny_fp32: Path, tmp_path: Path) ->
         assert relative.returncode != 0
         assert f"merge.yaml: cannot read the config (No such file or directory; looked in {head_dir})" in (
             relative.stdout + relative.stderr)
-        assert joined.returncode == 0, joined_stderr[-3000:]
-        assert folder_bytes(tmp_path / "joined") == expected
+        if others:
+            assert joined.returncode == 2 and "Ray clusters run here" in joined_stderr, joined_stderr[-3000:]
+            assert f"127.0.0.1:{gcs_port}" in joined_stderr and not (tmp_path / "joined").exists()
+        else:
+            assert joined.returncode == 0, joined_stderr[-3000:]
+            assert folder_bytes(tmp_path / "joined") == expected
+            clusters = {json.loads(p.read_text())["worker"]["cluster"]
+                        for p in (tmp_path / "joined" / ".star_dist" / "shards").glob("*.json")}
+            assert clusters == {f"127.0.0.1:{gcs_port}"}, clusters  # this head's workers merged it
         # With that head recorded as this machine's current cluster, the embedded default
         # must still start a cluster of its own rather than join (or fail on) the head.
         embedded = subprocess.run(

@@ -38,6 +38,23 @@ def test_auto_takes_the_first_recorded_cluster_that_answers(
     assert resolve_address("auto", 5) == f"127.0.0.1:{listening_port}"
 
 
+def test_auto_refuses_to_pick_one_of_several_running_clusters(
+    tmp_path: Path, listening_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `ray.init("auto")` refuses it: joining an arbitrary one of several would merge on a
+    cluster the user did not mean. A live record of the last `ray start` decides."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    other = f"127.0.0.1:{_dead_port()}"
+    monkeypatch.setattr(ray_cluster, "_recorded_clusters", lambda: [])
+    monkeypatch.setattr(ray_cluster, "_running_gcs_addresses", lambda: [f"127.0.0.1:{listening_port}", other])
+    with pytest.raises(ClusterError, match=rf"2 Ray clusters run here \(127\.0\.0\.1:{listening_port}, {other}\).*"
+                                           r"pass --address HOST:PORT"):
+        resolve_address("auto", 5)
+    monkeypatch.setattr(ray_cluster, "_recorded_clusters", lambda: [f"127.0.0.1:{listening_port}"])
+    assert resolve_address("auto", 5) == f"127.0.0.1:{listening_port}"
+
+
 def test_auto_with_nothing_running_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, run_cli_all
+from .conftest import REPO, run_cli, run_cli_all
 
 README = (REPO / "README.md").read_text()
 

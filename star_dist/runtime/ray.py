@@ -82,7 +82,7 @@ class ShardWorker:
         _log_to_stderr()
 
     def info(self) -> dict[str, Any]:
-        """Who this worker is and where it computes; raises, naming the node, if that device
+        """Who this worker is, on which node and cluster, and where it computes; raises, naming the node, if that device
         does not exist or this node does not see the inputs and the output folder."""
         import ray
         import torch
@@ -96,7 +96,8 @@ class ShardWorker:
             self.node = node
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         device = actor_device(self.requested_device, gpu_ids, torch.cuda.is_available())
-        return {"worker": self.worker_id, "pid": os.getpid(), "gpu_ids": gpu_ids, "device": device, "node": self.node}
+        return {"worker": self.worker_id, "pid": os.getpid(), "gpu_ids": gpu_ids, "device": device, "node": self.node,
+                "cluster": ray.get_runtime_context().gcs_address}  # which cluster: `--address auto` may pick
 
     def verify(self, path: str, sha256: str) -> bool:
         """Whether a finished shard's bytes still hash to its manifest's sha256."""

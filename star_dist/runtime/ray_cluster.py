@@ -62,9 +62,11 @@ def ray_session(options: RunOptions) -> Iterator[bool]:
 def resolve_address(address: str, timeout_s: float) -> str:
     """The address to join, checked to answer within `timeout_s`.
 
-    'auto' means RAY_ADDRESS, else the first local cluster that answers among Ray's record
-    of the last `ray start` (under $RAY_TMPDIR or /tmp) and the running GCS processes
-    (which also finds a head started with `--temp-dir`), as `ray.init("auto")` looks.
+    'auto' means RAY_ADDRESS, else Ray's record of the last `ray start` here (under
+    $RAY_TMPDIR or /tmp) when that cluster answers, else the one running GCS process (which
+    also finds a head started with `--temp-dir`), as `ray.init("auto")` looks. Several running
+    clusters and no live record is refused, as Ray refuses it: joining an arbitrary one would
+    run the merge on a cluster the user did not mean.
     """
     if address != "auto":
         check_reachable(address, timeout_s)
@@ -72,17 +74,24 @@ def resolve_address(address: str, timeout_s: float) -> str:
     if os.environ.get("RAY_ADDRESS"):
         check_reachable(os.environ["RAY_ADDRESS"], timeout_s)
         return os.environ["RAY_ADDRESS"]
-    candidates = list(dict.fromkeys(_recorded_clusters() + _running_gcs_addresses()))
+    recorded, running = _recorded_clusters(), _running_gcs_addresses()
+    for candidate in recorded:
+        with contextlib.suppress(ClusterError):
+            check_reachable(candidate, min(timeout_s, 2.0))
+            return candidate
+    running = [a for a in dict.fromkeys(running) if a not in recorded]  # the records did not answer
+    if len(running) > 1:
+        raise ClusterError(
+            f"--address auto: {len(running)} Ray clusters run here ({', '.join(running)}) and none is "
+            "recorded as the current one; pass --address HOST:PORT (or set RAY_ADDRESS) to choose"
+        )
+    candidates = running or list(dict.fromkeys(recorded))
     if not candidates:
         raise ClusterError(
             "--address auto: no running Ray cluster found (RAY_ADDRESS is unset, no `ray start` "
             "record exists and no Ray GCS process runs here); start one with `ray start --head` "
             "or drop --address"
         )
-    for candidate in candidates:
-        with contextlib.suppress(ClusterError):
-            check_reachable(candidate, min(timeout_s, 2.0))
-            return candidate
     check_reachable(candidates[0], timeout_s)  # the full timeout for a head still starting; else raises
     return candidates[0]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import MergeConfig, ModelSpec, RunOptions, parse_size
 from .errors import (
@@ -24,8 +24,10 @@ from .errors import (
     StarDistError,
     VerifyError,
 )
-from .plan import MergePlan, build_plan
-from .run import MergeResult, run_merge
+
+if TYPE_CHECKING:  # imported on first use (below): `star-dist --help` need not import torch
+    from .planner import MergePlan
+    from .run import MergeResult
 
 __all__ = [
     "merge",
@@ -78,10 +80,28 @@ def merge(config: ConfigLike, out_dir: str | Path, **options: Any) -> MergeResul
     overwrite, quiet, workers, device, threads_per_worker, verify_resume). Rerunning an
     interrupted merge with the same arguments resumes it.
     """
+    from .run import run_merge
+
     run_options = _options(**options)  # cheap to check, so first
     return run_merge(load_config(config), out_dir, run_options)
 
 
 def plan(config: ConfigLike, out_dir: str | Path = "merged", **options: Any) -> MergePlan:
     """Validate the inputs from their headers and return the plan, writing nothing."""
+    from .planner import build_plan
+
     return build_plan(load_config(config), out_dir, _options(**options))
+
+
+def __getattr__(name: str) -> Any:
+    """`star_dist.MergePlan` and `star_dist.MergeResult`, imported when first asked for (they
+    bring torch), and the submodules as attributes once imported."""
+    if name == "MergePlan":
+        from .planner import MergePlan
+
+        return MergePlan
+    if name == "MergeResult":
+        from .run import MergeResult
+
+        return MergeResult
+    raise AttributeError(f"module 'star_dist' has no attribute {name!r}")

@@ -354,7 +354,7 @@ def merge_summary(config: MergeConfig, result: Any) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import build_plan
+    from .planner import build_plan
 
     config = config_from_args(args)
     plan = build_plan(config, "merged", run_options(args))

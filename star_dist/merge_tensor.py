@@ -25,7 +25,7 @@ from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
 from .methods.fold import FoldMethod
 from .methods.linear import FusedSum, subtract_upcast
-from .plan import Source, TensorJob
+from .planner import Source, TensorJob
 from .safetensors_format import DTYPES, FileShrank, TensorEntry, TensorReader
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}

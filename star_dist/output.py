@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
-from .files import converts_os_errors, input_os_error
+from .files import converts_os_errors, fsync_dir, input_os_error
 from .lock import LOCK_FILE
-from .safetensors_format import fsync_dir
 
 STATE_DIR = ".star_dist"
 # Where --overwrite keeps the folder's previous contents until the new merge is complete.

@@ -11,7 +11,7 @@ import yaml
 
 from .methods import get_method
 from .output import package_version, write_atomic
-from .plan import MergePlan
+from .planner import MergePlan
 
 STAR_PAPER = "https://aclanthology.org/2025.naacl-short.42/"
 

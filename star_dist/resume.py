@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .output import manifest_path
-from .plan import MergePlan, ShardJob
+from .planner import MergePlan, ShardJob
 from .shard import Manifest
 
 

@@ -27,7 +27,7 @@ from .output import (
     write_atomic,
     write_index,
 )
-from .plan import MergePlan, build_plan
+from .planner import MergePlan, build_plan
 from .progress import Progress
 from .report import merge_report, model_card, write_report
 from .resume import finished_shards, on_other_device

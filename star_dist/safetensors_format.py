@@ -25,7 +25,7 @@ from typing import BinaryIO
 import torch
 
 from .errors import InputError
-from .files import require_regular_file
+from .files import fsync_dir, require_regular_file
 from .hub_headers import real_file
 
 # safetensors dtype code -> (torch dtype, bytes per element)
@@ -454,15 +454,6 @@ class StreamingShardWriter:
                 self._fh.close()
         with contextlib.suppress(OSError):
             self.tmp_path.unlink(missing_ok=True)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable: fsync the folder that holds it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:

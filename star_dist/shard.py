@@ -21,7 +21,7 @@ from .lora import PEFT_PREFIX
 from .merge_tensor import TensorMerger, resolve_device
 from .methods import MergeMethod, get_method
 from .output import manifest_path, write_atomic
-from .plan import ShardJob, TensorJob
+from .planner import ShardJob, TensorJob
 from .safetensors_format import TORCH_TO_CODE, StreamingShardWriter, TensorReader, sha256_file
 
 Manifest = dict[str, Any]

@@ -28,7 +28,7 @@ from star_dist.estimate import (
 )
 from star_dist.merge_tensor import TensorMerger
 from star_dist.methods import get_method
-from star_dist.plan import tensor_works
+from star_dist.planner import tensor_works
 from star_dist.safetensors_format import TensorReader
 from star_dist.tiny_models import LLAMA_70B, llama_shapes, save_sparse_model
 

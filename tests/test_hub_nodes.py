@@ -17,7 +17,7 @@ import star_dist
 from star_dist import hub
 from star_dist.config import RunOptions
 from star_dist.output import claim_output_dir
-from star_dist.plan import build_plan
+from star_dist.planner import build_plan
 from star_dist.run import finalize
 from star_dist.shard import merge_shard
 

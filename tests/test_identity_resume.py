@@ -130,7 +130,7 @@ def test_shards_computed_on_another_device_are_redone(tiny_fp32: Path, tmp_path:
 
 def test_finalize_refuses_a_shard_the_driver_sees_with_another_size(tiny_fp32: Path, tmp_path: Path) -> None:
     from star_dist.output import claim_output_dir
-    from star_dist.plan import build_plan
+    from star_dist.planner import build_plan
     from star_dist.run import finalize
     from star_dist.shard import merge_shard
 

@@ -186,7 +186,7 @@ def test_same_bytes_whatever_the_shard_order(tiny_fp32: Path, tmp_path: Path) ->
     """The in-process runtime works most-expensive-first; a different order, same bytes."""
     from star_dist.config import RunOptions
     from star_dist.output import claim_output_dir
-    from star_dist.plan import build_plan
+    from star_dist.planner import build_plan
     from star_dist.shard import merge_shard
 
     cfg = star_dist.load_config(_config(tiny_fp32, "star"))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import star_dist
-from star_dist.plan import build_plan
+from star_dist.planner import build_plan
 from star_dist.shard import merge_shard
 from star_dist.tiny_models import make_tiny_merge
 from tests.conftest import REPO, run_cli

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..plan import ShardJob
+from ..planner import ShardJob
 from ..progress import Progress
 from ..shard import Manifest
 

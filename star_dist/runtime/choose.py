@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import RunOptions
-from ..plan import MergePlan
+from ..planner import MergePlan
 
 RAY_STARTUP_S = 10.0
 

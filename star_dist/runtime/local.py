@@ -8,7 +8,7 @@ from ..config import RunOptions
 from ..errors import MergeError, StarDistError
 from ..files import shard_os_error
 from ..merge_tensor import resolve_device
-from ..plan import ShardJob
+from ..planner import ShardJob
 from ..progress import Progress
 from ..resume import hash_differs
 from ..shard import Manifest, merge_shard

@@ -25,7 +25,7 @@ from typing import Any
 from ..config import RunOptions
 from ..errors import ClusterError, MergeError, StarDistError
 from ..files import shard_os_error
-from ..plan import ShardJob
+from ..planner import ShardJob
 from ..progress import Progress
 from ..shard import Manifest
 from .api import Runtime

@@ -54,10 +54,10 @@ class Rates:
 
 # CPU seconds per element per fine-tune of the kernels that are not I/O-bound, calibrated
 # with scripts/bench/compare.py (99.5M-parameter llama × 4, 1 thread, the 2-core development
-# machine, others holding ~1.5 cores): TIES' trim (radix select), sign election and disjoint
-# mean, 22.7 ns (fp32) to 26.8 ns (bf16) beyond the I/O model. Task arithmetic and average sum
-# in cache-sized blocks and fit the I/O model alone (within 16%). Not counted on a GPU.
-ELEMENT_SECONDS = {"ties": 25e-9}
+# machine, quiet: results/compare_100m_io.json): TIES' trim (radix select), sign election and
+# disjoint mean, 7.8 ns (fp32) to 12.0 ns (bf16) beyond the I/O model. Task arithmetic and
+# average sum in cache-sized blocks and fit the I/O model alone. Not counted on a GPU.
+ELEMENT_SECONDS = {"ties": 10e-9}
 
 
 # Assumed, not measured here (no GPU on the machine this was written on): an H100/H200-class

@@ -20,7 +20,7 @@ from typing import Any
 from huggingface_hub import hf_hub_download, snapshot_download
 
 from .errors import InputError
-from .hub_headers import planning_folder, stub_record, stub_root
+from .hub_headers import hub_failure, planning_folder, stub_record, stub_root
 
 # What a model folder needs besides its weights: configs and tokenizer files (never pickles).
 SMALL_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -69,10 +69,9 @@ def download_snapshot(source: str, weights: bool = True) -> Path:
         folder = snapshot_download(repo_id, revision=revision or None,
                                    allow_patterns=SMALL_PATTERNS if headers_only else HUB_PATTERNS)
     except Exception as exc:  # network, auth, offline-and-not-cached: all end the same way
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"{source}: not a local folder, and fetching it from the Hugging Face hub failed "
-            f"({type(exc).__name__}: {first_line[:200]}); download it first or check HF_TOKEN"
+            f"({hub_failure(exc)}); download it first or check HF_TOKEN"
         ) from None
     if not headers_only:
         return Path(folder)
@@ -120,10 +119,9 @@ def fetch(hub_file: HubFile, cache_dir: str | Path | None = None) -> Path:
         local = Path(hf_hub_download(hub_file.repo_id, hub_file.filename, revision=hub_file.commit,
                                      cache_dir=cache_dir))
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"{hub_file.uri}: this node could not fetch it into its Hugging Face cache "
-            f"({type(exc).__name__}: {first_line[:200]}); pre-fill the node's cache (HF_HOME) or let it "
+            f"({hub_failure(exc)}); pre-fill the node's cache (HF_HOME) or let it "
             "reach the hub"
         ) from None
     if local.stat().st_size != hub_file.size:

@@ -170,9 +170,14 @@ def _range(repo_id: str, commit: str, filename: str, start: int, length: int) ->
     return data
 
 
+def hub_failure(exc: Exception) -> str:
+    """`Type: first line` of what huggingface_hub raised (its messages run to many lines)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {(text.splitlines()[0] if text else type(exc).__name__)[:200]}"
+
+
 def _hub_error(where: str, doing: str, exc: Exception) -> InputError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return InputError(f"{where}: {doing} on the Hugging Face hub failed ({type(exc).__name__}: {first[:200]}); "
+    return InputError(f"{where}: {doing} on the Hugging Face hub failed ({hub_failure(exc)}); "
                       "check the network and HF_TOKEN, or download the model first")
 
 

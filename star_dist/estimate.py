@@ -19,17 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .methods.linear import FusedSum
 
 SPECTRAL_METHODS = frozenset({"star", "tsv", "iso_c", "iso_cts"})
 
 # Working copies of a tensor in float32 at the peak of its merge, above the imports, by kind
 # of method, from measured peaks of the largest tensor's merge (scripts/bench/compare.py and
 # star_svd.py, 2026-12-03): STAR 4.6 (291M × 4, plus the Gram matrix); task arithmetic and
-# average summed block by block on the CPU 1.0 (bf16) to 2.0 (fp32) — on a GPU, or from LoRA
-# factors, they take whole-tensor passes, about 5; TIES 4.7-5.2 (N = 4, flat in N since its
-# row blocks are cache-sized).
+# average from LoRA factors take whole-tensor passes, about 5 (dense, they are streamed to the
+# writer in pieces: FusedSum.working_bytes, a few MiB whatever the size); TIES 4.7-5.2 (N = 4,
+# flat in N since its row blocks are cache-sized).
 SPECTRAL_COPIES = 5.0
-FUSED_STREAMING_COPIES, STREAMING_COPIES = 2.0, 5.0
+STREAMING_COPIES = 5.0
 JOINT_COPIES = 5.5
 # On a GPU the host keeps a pinned double buffer of one tensor's input (base + one model).
 PINNED_BUFFERS = 2
@@ -166,8 +167,10 @@ def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool) ->
             m, n = work.shape
             return int(3 * f32 + 32 * (m + n) * sum(r or 0 for r in work.ranks))
         return int(SPECTRAL_COPIES * f32 + 8 * min(work.shape) ** 2)
+    if fused:
+        return FusedSum.working_bytes(work.numel, work.bytes_out // max(work.numel, 1))
     if method.streaming:
-        return int((FUSED_STREAMING_COPIES if fused else STREAMING_COPIES) * f32)
+        return int(STREAMING_COPIES * f32)
     return int(JOINT_COPIES * f32)
 
 
@@ -380,8 +383,10 @@ def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
 def _gpu_host_bytes(works: list[TensorWork], on_cpu: dict[str, int], routed: tuple[str, ...],
                     on_gpu: dict[str, int]) -> int:
     """Host RAM of a GPU worker: pinned buffers for one tensor's base + one model's input
-    (bytes_read spread over base and models), or the working set of a tensor merged on the
-    CPU (routed there, or a fused sum, which never goes to the GPU)."""
-    one_pair = max((2 * w.bytes_read // (len(w.ranks) + 1) for w in works), default=0)
+    (bytes_read spread over base and models) of the tensors uploaded at all (the buffers grow
+    on first use), or the working set of a tensor merged on the CPU (routed there, or a fused
+    sum, which never goes to the GPU)."""
+    uploaded = [w for w in works if on_gpu.get(w.name, 0) > 0 and w.name not in routed]
+    one_pair = max((2 * w.bytes_read // (len(w.ranks) + 1) for w in uploaded), default=0)
     on_host = [on_cpu[name] for name in on_cpu if name in routed or on_gpu.get(name) == 0]
     return max(PINNED_BUFFERS * one_pair, max(on_host, default=0))

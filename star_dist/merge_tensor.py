@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,12 +26,13 @@ from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, Ta
 from .methods.fold import FoldMethod
 from .methods.linear import FusedSum, subtract_upcast
 from .planner import Source, TensorJob
-from .safetensors_format import DTYPES, FileShrank, TensorEntry, TensorReader
+from .safetensors_format import DTYPES, FileShrank, StreamingShardWriter, TensorEntry, TensorReader
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Row-block size for joint methods: all N models' blocks together hold about this many
 # elements (1 MiB of float32), so a block's work stays in cache and memory does not grow with N.
 JOINT_BLOCK_ELEMENTS = 1 << 18
+Put = Callable[[torch.Tensor], None]  # takes the next flat piece of the tensor being written
 
 
 class TensorMerger:
@@ -62,7 +63,21 @@ class TensorMerger:
     def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
         """`_merge` with this tensor's own method parameters, weights and λ when it has any."""
         with self._tensor_params(job):
-            return self._merge(job)
+            out, report = self._merge(job)
+        assert out is not None  # only a merge given `put` streams its output away
+        return out, report
+
+    def merge_into(self, job: TensorJob, writer: StreamingShardWriter) -> dict[str, Any]:
+        """Merge `job` and append it to `writer`; returns its report entry.
+
+        A fused sum is handed to the writer in pieces as it is computed (FusedSum.stream),
+        so its output tensor never exists whole; any other merge is written whole.
+        """
+        with self._tensor_params(job), writer.tensor(job.name) as put:
+            out, report = self._merge(job, put)
+            if out is not None:
+                put(out.reshape(-1))
+        return report
 
     def merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """`_merge_factors` with this tensor's own values when it has any."""
@@ -87,15 +102,17 @@ class TensorMerger:
         finally:
             self.method, self.weights, self.lambda_, self.device = saved
 
-    def _merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The merged tensor in its output dtype (on the CPU) and its report entry."""
+    def _merge(self, job: TensorJob, put: Put | None = None) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """The merged tensor in its output dtype (on the CPU) and its report entry; with `put`,
+        a fused sum goes to `put` in pieces instead (and the tensor returned is None)."""
         start = time.perf_counter()
         if not job.merge:  # non-float: checked identical in plan, copied from the base
             return self.reader.read(job.base), {"method": "copy"}
         # Never compute below the inputs' precision: float64 tensors stay float64.
         self.dtype = torch.float64 if job.base.dtype == "F64" else self.config_dtype
+        out: torch.Tensor | None
         if self._fusable(job):
-            out, stats = self._merge_fused(job), {}
+            out, stats = self._merge_fused(job, put), {}
         else:
             out, stats = self._merge_unfused(job)
         report: dict[str, Any] = {"method": self.method.name, "seconds": round(time.perf_counter() - start, 6)}
@@ -133,19 +150,25 @@ class TensorMerger:
             and all(isinstance(src, TensorEntry) for src in job.models)
         )
 
-    def _merge_fused(self, job: TensorJob) -> torch.Tensor:
-        """`FusedSum` straight from the read-only maps: no float32 copy of any whole input."""
+    def _merge_fused(self, job: TensorJob, put: Put | None) -> torch.Tensor | None:
+        """`FusedSum` straight from the read-only maps: no float32 copy of any whole input, and
+        with `put` no whole output either (None is returned)."""
         entries = [job.base, *job.models]
         flat = [self.reader.read(entry).reshape(-1) for entry in entries]  # (numel,) stored dtype
-        out = torch.empty(job.base.numel, dtype=DTYPES[job.out_dtype][0])  # (numel,)
+        out_dtype = DTYPES[job.out_dtype][0]
         fused = FusedSum(self.dtype)
-        fused.run(out, flat[0], flat[1:], list(self.weights), self.lambda_)
+        out = None
+        if put is None:
+            out = fused.run(torch.empty(job.base.numel, dtype=out_dtype), flat[0], flat[1:],
+                            list(self.weights), self.lambda_)
+        else:
+            fused.stream(flat[0], flat[1:], list(self.weights), self.lambda_, out_dtype, put)
         if not (fused.merged_ok and fused.out_ok):
             for entry, values in zip(entries, flat, strict=True):  # which input, in the unfused order
                 if not all_finite(values):
                     raise DataError(_input_not_finite(entry, job.name))
             raise DataError(_merged_not_finite(job.name) if not fused.merged_ok else _overflow(job))
-        return out.view(job.shape)
+        return None if out is None else out.view(job.shape)
 
     def _merge_factors(self, job: TensorJob) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """The merged update λ Σ_i w_i f(τ_i) of one LoRA-adapted module as PEFT factors

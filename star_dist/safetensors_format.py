@@ -16,7 +16,9 @@ import json
 import mmap
 import os
 import struct
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 from .errors import InputError
 from .files import fsync_dir, require_regular_file
 from .hub_headers import real_file
+from .page_prefetch import PagePrefetcher
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -280,23 +283,33 @@ class TensorReader:
     map is refused with ENOMEM there, as the kernel must be able to back every page).
     The tensors returned are views of the map and must never be written to (a write would
     crash the process); every caller copies (`.to(..., copy=True)`) or only reads.
+
+    With `prefetch_pages`, `advise` also has a helper thread map the advised bytes in
+    (page_prefetch.py), so the next tensor's page faults are not taken by the merge thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch_pages: bool = False) -> None:
         self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()  # the helper thread maps files too
+        self._prefetcher = PagePrefetcher() if prefetch_pages else None
 
     def _map(self, file: str, needed: int) -> mmap.mmap:
         """The file's map, made on first use; `needed` is the end of the bytes about to be read."""
         mm = self._maps.get(file)
         if mm is None:
-            with open(real_file(file), "rb") as fh:  # a hub header stub: the real file, fetched
-                if os.fstat(fh.fileno()).st_size == 0:  # emptied since planning: nothing to map
-                    raise FileShrank(file, needed, 0)
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[file] = mm
+            with self._lock:
+                mm = self._maps.get(file) or self._open_map(file, needed)
+                self._maps[file] = mm
         if needed > mm.size():  # mm.size() is the file's size now: touching pages past it is SIGBUS
             raise FileShrank(file, needed, mm.size())
         return mm
+
+    @staticmethod
+    def _open_map(file: str, needed: int) -> mmap.mmap:
+        with open(real_file(file), "rb") as fh:  # a hub header stub: the real file, fetched
+            if os.fstat(fh.fileno()).st_size == 0:  # emptied since planning: nothing to map
+                raise FileShrank(file, needed, 0)
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
     def advise(self, entry: TensorEntry) -> None:
         """Ask the kernel to start reading `entry`'s bytes now, in the background (readahead),
@@ -306,7 +319,11 @@ class TensorReader:
         start = entry.start - entry.start % mmap.PAGESIZE
         end = entry.start + entry.nbytes
         with contextlib.suppress(OSError, ValueError, FileShrank):
-            self._map(entry.file, end).madvise(mmap.MADV_WILLNEED, start, end - start)
+            mm = self._map(entry.file, end)
+            if self._prefetcher is not None:
+                self._prefetcher.prefetch(mm, start, end - start)
+            else:
+                mm.madvise(mmap.MADV_WILLNEED, start, end - start)
 
     def read(self, entry: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor (or rows [a, b) of its first dimension), in its stored dtype."""
@@ -332,6 +349,8 @@ class TensorReader:
         map but no buffer export, so closing would unmap pages that a tensor still views (a
         segfault on its next read, e.g. from a traceback's frames). Each map is unmapped when
         the last tensor viewing it is freed."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
         self._maps.clear()
 
     def __enter__(self) -> TensorReader:
@@ -413,12 +432,41 @@ class StreamingShardWriter:
                 f"writer got {name} {got_dtype} {tuple(tensor.shape)}, "
                 f"expected {exp_name} {exp_dtype} {exp_shape}"
             )
-        data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        with self.tensor(name) as put:
+            put(tensor.detach().cpu().reshape(-1))
+
+    @contextlib.contextmanager
+    def tensor(self, name: str) -> Iterator[Callable[[torch.Tensor], None]]:
+        """Append the next tensor piece by piece: yields `put(piece)`, which takes its flat
+        pieces in order (the header's dtype); on leaving, they must have filled it exactly.
+
+        In the background a piece is written while the caller computes the next one, so
+        the caller must not change a piece until it has put the one after it (two staging
+        buffers used in turn are enough; see FusedSum.stream).
+        """
+        exp_name, exp_dtype, _ = self._expected[self._written]
+        if name != exp_name:
+            raise AssertionError(f"writer got {name}, expected {exp_name}")
+        expected, filled = self._sizes[self._written], 0
+
+        def put(piece: torch.Tensor) -> None:
+            nonlocal filled
+            if TORCH_TO_CODE.get(piece.dtype) != exp_dtype or filled + piece.numel() * piece.element_size() > expected:
+                raise AssertionError(f"writer got a {piece.dtype} piece of {piece.numel()} past {filled} B of {name}")
+            data = memoryview(piece.contiguous().view(torch.uint8).numpy())
+            filled += len(data)
+            self._submit(data)
+
+        yield put
+        if filled != expected:
+            raise AssertionError(f"writer got {filled} of {expected} bytes of {name}")
         self._written += 1
+
+    def _submit(self, data: memoryview) -> None:
         if self._pool is None:
             self._put(data)
             return
-        self._drain()  # the previous tensor is on disk (or its error raised) before this one goes
+        self._drain()  # the previous piece is on disk (or its error raised) before this one goes
         self._pending = self._pool.submit(self._put, data)
 
     def _drain(self) -> None:

@@ -63,12 +63,10 @@ def merge_shard(
     )
     report: dict[str, Any] = {}
     try:
-        with torch_threads(job.threads), TensorReader() as reader:
+        with torch_threads(job.threads), TensorReader(prefetch_pages=overlap) as reader:
             merger = TensorMerger(method, job.weights, job.lambda_, reader, device, job.compute_dtype)
             for tensor_job in read_ahead(job.tensors, merger.prefetch if overlap else None):
-                merged, report[tensor_job.name] = merger.merge(tensor_job)
-                writer.write(tensor_job.name, merged)
-                del merged
+                report[tensor_job.name] = merger.merge_into(tensor_job, writer)
                 if on_tensor is not None:
                     on_tensor(tensor_job.name, tensor_job.out_bytes)
         size, sha256 = writer.commit()

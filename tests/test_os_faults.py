@@ -201,7 +201,7 @@ def test_an_unexpected_failure_in_a_local_shard_names_the_shard(
     def broken(*args, **kwargs):
         raise RuntimeError("simulated library failure")
 
-    monkeypatch.setattr(merge_tensor.TensorMerger, "merge", broken)
+    monkeypatch.setattr(merge_tensor.TensorMerger, "merge_into", broken)
     with pytest.raises(MergeError, match=r"shard model-00001-of-\d{5}\.safetensors: merge failed: RuntimeError"):
         star_dist.merge(tiny_fp32 / "merge.yaml", tmp_path / "out", runtime="local", quiet=True,
                         max_shard_size="60kB")
@@ -242,17 +242,17 @@ def test_an_input_cut_short_mid_merge_is_one_line_not_sigbus(
 
     victim = sorted(p for p in tiny_copy.rglob("*.safetensors") if "base" not in str(p))[0]
     whole = victim.read_bytes()
-    real_merge = merge_tensor.TensorMerger.merge
+    real_merge = merge_tensor.TensorMerger.merge_into
     calls = []
 
-    def cut_after_first(self, job):
+    def cut_after_first(self, job, writer):
         calls.append(job.name)
         if len(calls) == 2:
             with open(victim, "r+b") as fh:
                 fh.truncate(16)  # the length prefix and a little: every tensor's bytes are gone
-        return real_merge(self, job)
+        return real_merge(self, job, writer)
 
-    monkeypatch.setattr(merge_tensor.TensorMerger, "merge", cut_after_first)
+    monkeypatch.setattr(merge_tensor.TensorMerger, "merge_into", cut_after_first)
     out = tmp_path / "out"
     with pytest.raises(InputError) as info:
         star_dist.merge(tiny_copy / "merge.yaml", out, runtime="local", quiet=True)

@@ -91,6 +91,41 @@ def test_writer_refuses_a_tensor_that_does_not_match_the_header(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_a_tensor_written_in_pieces_is_the_tensor_written_whole(tmp_path: Path, background: bool) -> None:
+    """`tensor(name)` takes flat pieces in order; the file and its hash are what `write` gives."""
+    value = torch.randn(10, 7).to(torch.bfloat16)
+    layout = [("w", "BF16", (10, 7)), ("n", "F32", (3,))]
+    digests = []
+    for pieces in ([70], [1, 30, 39], [0, 70, 0]):
+        path = tmp_path / f"{len(pieces)}{pieces[0]}.safetensors"
+        writer = StreamingShardWriter(path, layout, background=background)
+        with writer.tensor("w") as put:
+            start = 0
+            for count in pieces:
+                put(value.view(-1)[start : start + count].clone())  # each piece its own buffer
+                start += count
+        writer.write("n", torch.ones(3))
+        digests.append(writer.commit())
+        with safe_open(str(path), framework="pt") as fh:
+            assert torch.equal(fh.get_tensor("w"), value)
+    assert digests[0][1] == digests[1][1] == digests[2][1]
+
+
+def test_a_tensor_in_pieces_must_fill_it_exactly(tmp_path: Path) -> None:
+    writer = StreamingShardWriter(tmp_path / "s.safetensors", [("w", "F32", (2, 2))])
+    with pytest.raises(AssertionError, match="8 of 16 bytes of w"), writer.tensor("w") as put:
+        put(torch.zeros(2))
+    writer.abort()
+    writer = StreamingShardWriter(tmp_path / "s.safetensors", [("w", "F32", (2, 2))])
+    with pytest.raises(AssertionError, match="piece of 5 past 0 B of w"), writer.tensor("w") as put:
+        put(torch.zeros(5))
+    with pytest.raises(AssertionError, match="torch.float16 piece"), writer.tensor("w") as put:
+        put(torch.zeros(2, dtype=torch.float16))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 def _raw_file(path: Path, header: dict, data: bytes) -> None:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)

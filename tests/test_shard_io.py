@@ -172,3 +172,48 @@ def test_a_checkpoint_file_larger_than_the_memory_limit_merges(tmp_path: Path) -
     assert result.stdout.split() == ["copy-on-write", "map", "refused", "merged"], result.stdout
     merged = read_header(next((tmp_path / "out").glob("*.safetensors")))[0]
     assert set(merged) <= {name for name, _, _ in names}
+
+
+PEAK_CHILD = """
+import json, sys, threading, time
+from pathlib import Path
+import star_dist, star_dist.run, star_dist.runtime.local
+
+def anon():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+config, out = json.loads(sys.argv[1])
+star_dist.plan(config, out)  # imports and first allocations out of the baseline
+baseline, peak, done = anon(), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.001)
+
+thread = threading.Thread(target=sample)
+thread.start()
+star_dist.merge(config, out, runtime="local", quiet=True, threads_per_worker=1)
+done.set()
+thread.join()
+print(peak[0] - baseline)
+"""
+
+
+def test_task_arithmetic_never_holds_a_whole_output_tensor(tmp_path: Path) -> None:
+    """The fused sum goes to the writer in 4 MiB pieces: a 128 MiB output tensor costs the
+    merging process a few MiB, not the tensor (the whole-tensor path held 128-256 MiB)."""
+    names = [("embed.weight", "F32", (4096, 8192))]  # 128 MiB per file, sparse (reads as zeros)
+    for model in ("base", "ft0", "ft1"):
+        _sparse_checkpoint(tmp_path / model / "model.safetensors", names)
+    config = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+              "models": [{"model": str(tmp_path / "ft0")}, {"model": str(tmp_path / "ft1")}]}
+    args = json.dumps([config, str(tmp_path / "out")])
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    result = subprocess.run([sys.executable, "-c", PEAK_CHILD, args], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) < 48 << 20, result.stdout
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size > 128 << 20

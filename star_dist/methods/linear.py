@@ -12,6 +12,7 @@ would be divided by is refused at plan time: mergekit divides by it and scales t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -115,6 +116,9 @@ class Average(_Identity):
 # Elements per step of the fused sum: three float32 scratch blocks of 512 KiB stay in a
 # core's L2 cache, so each input byte goes from the page cache through the cache once.
 FUSED_CHUNK = 1 << 17
+# Elements per staging buffer of a streamed sum (FusedSum.stream): 4 MiB of bf16, handed to
+# the writer whole; two of them in turn, whatever the tensor's size.
+STAGE_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -147,15 +151,53 @@ class FusedSum:
         Returns:
             `out`; `merged_ok` and `out_ok` are False if some value was NaN or Inf.
         """
-        size = min(self.chunk, base.numel())
-        scratch = [torch.empty(size, dtype=self.dtype) for _ in range(3)]  # base, Σ, τ blocks
+        self._fill(out, base, models, weights, lambda_, self._scratch(base.numel()))
+        return out
+
+    def stream(self, base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lambda_: float,
+               out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None], stage: int = STAGE_ELEMENTS) -> None:
+        """The merged values in order, as pieces of at most `stage` elements handed to `emit`:
+        the whole output tensor never exists, and the pieces reuse two staging buffers, so
+        a piece may be changed once the one after it was emitted (what the writer needs).
+
+        Args:
+            base, models, weights, lambda_: as for `run`.
+            out_dtype: the pieces' dtype.
+            emit: called with each flat piece, in order; not called past a block that failed.
+            stage: elements per piece (rounded down to whole chunks).
+        """
+        numel = base.numel()
+        stage = max(self.chunk, stage - stage % self.chunk)
+        buffers = [torch.empty(min(stage, numel), dtype=out_dtype) for _ in range(2 if numel > stage else 1)]
+        scratch = self._scratch(numel)
+        for index, start in enumerate(range(0, numel, stage)):
+            stop = min(start + stage, numel)
+            piece = buffers[index % len(buffers)][: stop - start]
+            self._fill(piece, base[start:stop], [m[start:stop] for m in models], weights, lambda_, scratch)
+            if not self.merged_ok:
+                return
+            if self.out_ok:  # after an overflow, the later blocks are still checked for NaN
+                emit(piece)
+
+    @staticmethod
+    def working_bytes(numel: int, out_itemsize: int, compute_itemsize: int = 4) -> int:
+        """Bytes a streamed sum holds besides the mapped inputs: two staging buffers and
+        three scratch blocks (bounded, whatever the tensor's size)."""
+        stage = min(numel, STAGE_ELEMENTS) * out_itemsize * (2 if numel > STAGE_ELEMENTS else 1)
+        return stage + 3 * min(numel, FUSED_CHUNK) * compute_itemsize
+
+    def _scratch(self, numel: int) -> list[torch.Tensor]:
+        size = min(self.chunk, numel)
+        return [torch.empty(size, dtype=self.dtype) for _ in range(3)]  # base, Σ, τ blocks
+
+    def _fill(self, out: torch.Tensor, base: torch.Tensor, models: list[torch.Tensor],
+              weights: list[float], lambda_: float, scratch: list[torch.Tensor]) -> None:
         for start in range(0, base.numel(), self.chunk):
             stop = min(start + self.chunk, base.numel())
             self._block(out[start:stop], base[start:stop], [m[start:stop] for m in models],
                         weights, lambda_, [s[: stop - start] for s in scratch])
             if not self.merged_ok:
                 break
-        return out
 
     def _block(self, out: torch.Tensor, base: torch.Tensor, models: list[torch.Tensor],
                weights: list[float], lambda_: float, scratch: list[torch.Tensor]) -> None:
@@ -173,11 +215,16 @@ class FusedSum:
 
 
 def subtract_upcast(model: torch.Tensor, base: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
-    """into = model.to(base.dtype) − base, as those two steps give it, in one pass when the
-    upcast is exact (bf16/fp16 or the same dtype); returns `into`."""
-    if model.element_size() <= base.element_size():
+    """into = model.to(base.dtype) − base, as those two steps give it; returns `into`.
+
+    Same dtypes: one pass. Otherwise the upcast (exact for bf16/fp16; for a float64 input
+    into float32 the rounding `.to` does) and then a same-dtype subtraction: two vectorized
+    passes are faster than torch's one mixed-dtype pass (20 against 27 µs per 128K bf16
+    elements here), and give the same bits.
+    """
+    if model.dtype == base.dtype:
         torch.sub(model, base, out=into)
-    else:  # a float64 input into float32: round it first, as `.to(float32)` does
+    else:
         into.copy_(model)
         into.sub_(base)
     return into

@@ -48,3 +48,48 @@ def test_fused_sum_flags_non_finite_blocks() -> None:
     fused = FusedSum(torch.float32, chunk=16)
     fused.run(torch.empty(100, dtype=torch.float16), base, [big], [2.0], 1.0)  # 120000 > F16's 65504
     assert fused.merged_ok and not fused.out_ok
+
+
+@pytest.mark.parametrize(("n", "stage"), [(1, 8), (100, 16), (100, 33), (4099, 1 << 21)])
+def test_streamed_pieces_are_the_whole_sum_in_order(n: int, stage: int) -> None:
+    """`stream` hands over the bytes `run` gives, in pieces of whole chunks, at most two
+    buffers reused in turn: a piece is only overwritten after the one after it was emitted."""
+    gen = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=gen).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16) for _ in range(2)]
+    whole = FusedSum(torch.float32, chunk=8).run(torch.empty(n, dtype=torch.bfloat16), base, models, [0.5, 2.0], 0.7)
+    pieces, buffers = [], set()
+
+    def emit(piece: torch.Tensor) -> None:
+        if pieces:  # the piece before this one must still hold what was emitted
+            assert torch.equal(pieces[-1][1], pieces[-1][0])
+        pieces.append((piece, piece.clone()))
+        buffers.add(piece.untyped_storage().data_ptr())
+
+    fused = FusedSum(torch.float32, chunk=8)
+    fused.stream(base, models, [0.5, 2.0], 0.7, torch.bfloat16, emit, stage=stage)
+    assert fused.merged_ok and fused.out_ok and len(buffers) <= 2
+    assert all(p.numel() % 8 == 0 for p, _ in pieces[:-1]) and max(p.numel() for p, _ in pieces) <= max(stage, 8)
+    assert torch.equal(torch.cat([copy for _, copy in pieces]).view(torch.int16), whole.view(torch.int16))
+
+
+def test_streaming_stops_at_a_bad_block() -> None:
+    """Nothing is emitted once a block fails; a later NaN is still found after an overflow."""
+    base = torch.zeros(100)
+    nan, big = torch.zeros(100), torch.full((100,), 60000.0)
+    nan[77] = float("nan")
+    emitted: list[int] = []
+    fused = FusedSum(torch.float32, chunk=16)
+    fused.stream(base, [nan], [1.0], 1.0, torch.float32, lambda p: emitted.append(p.numel()), stage=32)
+    assert not fused.merged_ok and sum(emitted) == 64  # blocks 0-63 were fine, 64-95 holds the NaN
+    emitted.clear()
+    big[90] = float("nan")
+    fused = FusedSum(torch.float32, chunk=16)
+    fused.stream(base, [big], [2.0], 1.0, torch.float16, lambda p: emitted.append(p.numel()), stage=32)
+    assert not fused.out_ok and not fused.merged_ok and emitted == []
+
+
+def test_a_streamed_sum_holds_a_few_mib_whatever_the_size() -> None:
+    assert FusedSum.working_bytes(10, 2) == 10 * 2 + 3 * 10 * 4
+    huge = FusedSum.working_bytes(128256 * 8192, 2)  # a 70B embedding: 2.1 GB of bf16 output
+    assert huge == FusedSum.working_bytes(10**12, 2) < 16 * 2**20

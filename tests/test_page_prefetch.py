@@ -9,6 +9,7 @@ import mmap
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def test_prefetched_pages_are_mapped_before_the_merge_touches_them(tmp_path: Pat
     path.write_bytes(bytes(range(256)) * 4096 * 16)  # 16 MiB, in the page cache after writing
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    with pytest.warns(UserWarning, match="not writable"):
+    with warnings.catch_warnings():  # "buffer is not writable" (torch warns once per process)
+        warnings.simplefilter("ignore", UserWarning)
         address = torch.frombuffer(mm, dtype=torch.uint8).data_ptr()
     before = _mapped_kib(address)
     prefetcher = PagePrefetcher()

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from star_dist.errors import DataError
+from star_dist.methods.tridiagonal import Tridiagonal
 
 TopMethod = Literal["auto", "subspace", "gram", "svd"]
 
@@ -110,6 +111,7 @@ class GramSide:
     wide: bool  # True when tall = τᵀ (m < n)
     gram: torch.Tensor | None = None  # (k, k) float64 tallᵀ tall, or None when not formed
     vectors: torch.Tensor | None = None  # (k, k) G's eigenvectors, descending, when eigh already ran
+    tridiagonal: Tridiagonal | None = None  # G reduced once on the CPU: values and top vectors from it
 
     def times(self, block: torch.Tensor) -> torch.Tensor:
         """G @ block, (k, b): from the formed G, else tallᵀ (tall @ block) without forming it."""
@@ -168,6 +170,8 @@ def _gram_basis(side: GramSide, r: int) -> torch.Tensor:
     """Top-r eigenvectors of the float64 Gram matrix G = tallᵀ tall, descending: (k, r)."""
     if side.vectors is not None:  # the values route already ran eigh (`spectrum.star_spectrum`)
         return side.vectors[:, :r]  # (k, r)
+    if side.tridiagonal is not None:  # ... or reduced G to tridiagonal form: r vectors from it
+        return side.tridiagonal.top_vectors(r)  # (k, r)
     gram = side.gram if side.gram is not None else side.tall.T @ side.tall  # (k, k)
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
     return vectors[:, vectors.shape[1] - r :].flip(-1)  # (k, r)
@@ -303,7 +307,9 @@ def top_factors(
     if method != "gram" and s is None:
         raise ValueError(f"top_factors method {method!r} needs every singular value (s)")
     side = side if side is not None else gram_side(tau, form=False)
-    iterate = method != "gram" and r > 0 and side.vectors is None
+    # With G already tridiagonal the r vectors cost O(k·r) + 4·k²·r: below any block iteration.
+    iterate = method == "subspace" or (method == "auto" and side.vectors is None and side.tridiagonal is None)
+    iterate = iterate and r > 0 and side.vectors is None
     basis, route = _iterate(side, r, method, s) if iterate else (None, "gram")
     if basis is None:
         basis = _gram_basis(side, r)  # (k, r)

@@ -3,7 +3,9 @@
 STAR needs all k = min(m, n) singular values (Σσ and the rank rule) but only the top-r
 vectors. A float32 values-only SVD (the reference, `spectral.singular_values`) is a
 bidiagonalization: slow, and on GPUs far below peak. The Gram route is one GEMM and a
-symmetric eigensolver: G = tallᵀ tall in float64 on the smaller side, σ_i = √λ_i(G).
+symmetric eigensolver: G = tallᵀ tall in float64 on the smaller side, σ_i = √λ_i(G). On the
+CPU (with SciPy) G is reduced to tridiagonal form once, which gives the values and later the
+top-r vectors (tridiagonal.py); on a GPU torch's eigvalsh, or eigh for a flat spectrum.
 
 Accuracy (measured in scripts/bench/star_svd.py against a float64 SVD of the same τ): the σ
 that carry the nuclear norm come out with relative error ~eps64·σ_1²/σ_i², far below the
@@ -30,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from star_dist.methods import tridiagonal
 from star_dist.methods.spectral import GramSide, gram_side, kept_rank, singular_values
 
 ValuesMethod = Literal["gram", "svd"]
@@ -74,7 +77,11 @@ def star_spectrum(
         values = singular_values(tau if device is None else tau.to(device))  # (k,)
         return Spectrum(values, kept_rank(values, eta), "svd", None)
     side = gram_side(tau, form=True, device=device)  # tall (max, k), G (k, k) float64
-    if looks_flat(side):  # the vectors will need eigh: one call gives the values too
+    reduced = tridiagonal.reduce(side.gram) if side.gram is not None else None  # CPU + SciPy
+    if reduced is not None:  # G reduced once: values now, the r vectors later from the same form
+        side = replace(side, tridiagonal=reduced)
+        values = reduced.values().flip(0).clamp_(min=0).sqrt_()  # (k,) descending
+    elif looks_flat(side):  # the vectors will need eigh: one call gives the values too
         side, values = _eigh(side)
     else:
         values = gram_values(side)  # (k,) float64

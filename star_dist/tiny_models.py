@@ -2,7 +2,8 @@
 
 Real safetensors files in the Hugging Face layout (`LlamaForCausalLM` loads them), sharded
 with an index like the real thing. Fine-tunes differ from the base by a low-rank update
-plus noise on every matrix and a small shift of every norm, like real task vectors.
+plus noise on every matrix (or, for STAR benchmarks, by a power-law spectrum like real
+fine-tunes') and a small shift of every norm.
 """
 
 from __future__ import annotations
@@ -84,14 +85,27 @@ def make_base(shape: TinyShape, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# σ_i ∝ i^-α of real task vectors: α fitted on 912 matrices of 24 MiniLM fine-tunes has median
+# 0.67 (p10 0.51, p90 0.82); kept rank at η = 40 median 9.4% of min(m, n) (scripts/bench/spectra.py).
+POWER_LAW_ALPHA = 0.67
+
+
 def make_finetune(
-    base: dict[str, torch.Tensor], seed: int, rank: int = 4, scale: float = 0.05
+    base: dict[str, torch.Tensor], seed: int, rank: int = 4, scale: float = 0.05, spectrum: str = "lowrank"
 ) -> dict[str, torch.Tensor]:
-    """base + (low-rank update + small noise) on matrices, a small shift on vectors."""
+    """base + τ on matrices, a small shift on vectors.
+
+    `spectrum` "lowrank" (the default, cheap): τ = a rank-`rank` update + small noise, whose
+    spectrum is flat past the rank. "power_law": τ with σ_i ∝ i^-α (POWER_LAW_ALPHA) and random
+    singular vectors, the shape real fine-tunes' task vectors have; for STAR benchmarks. Both
+    have ‖τ‖_F ≈ scale·√m.
+    """
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, w in base.items():
-        if w.dim() == 2:
+        if w.dim() == 2 and spectrum == "power_law":
+            out[name] = w + scale * power_law_update(*w.shape, g)
+        elif w.dim() == 2:
             m, n = w.shape
             low = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / (rank * n) ** 0.5
             noise = torch.randn(m, n, generator=g) / n**0.5
@@ -99,6 +113,16 @@ def make_finetune(
         else:
             out[name] = w + scale * 0.1 * torch.randn(w.shape, generator=g)
     return out
+
+
+def power_law_update(m: int, n: int, g: torch.Generator, alpha: float = POWER_LAW_ALPHA) -> torch.Tensor:
+    """(m, n) float32 Q_1 diag(σ) Q_2ᵀ with σ_i = c·i^-α, Q random orthonormal, ‖·‖_F = √m."""
+    k = min(m, n)
+    left, _ = torch.linalg.qr(torch.randn(m, k, generator=g))  # (m, k)
+    right, _ = torch.linalg.qr(torch.randn(n, k, generator=g))  # (n, k)
+    sigma = torch.arange(1, k + 1, dtype=torch.float32) ** -alpha  # (k,)
+    sigma *= m**0.5 / torch.linalg.vector_norm(sigma)
+    return (left * sigma) @ right.T  # (m, n)
 
 
 def save_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict, dtype: str, shards: int = 1) -> None:
@@ -132,15 +156,18 @@ def make_tiny_merge(
     shards: int = 2,
     method: str = "star",
     lora: int = 0,
+    spectrum: str = "lowrank",
 ) -> Path:
     """Write base/, ft0/…ft{N-1}/ and merge.yaml (STAR, η = 40) under `folder`; with
-    `lora` > 0 also lora0/… PEFT adapters and merge_lora.yaml, so adapter examples run offline."""
+    `lora` > 0 also lora0/… PEFT adapters and merge_lora.yaml, so adapter examples run offline.
+    `spectrum`: the fine-tunes' task vectors, as `make_finetune` takes it."""
     shape = shape or TinyShape()
     base = make_base(shape, seed)
     config = llama_config(shape, dtype)
     save_model(folder / "base", base, config, dtype, shards=shards)
     for i in range(n_models):
-        save_model(folder / f"ft{i}", make_finetune(base, seed + 1000 * (i + 1)), config, dtype, shards=shards)
+        tuned = make_finetune(base, seed + 1000 * (i + 1), spectrum=spectrum)
+        save_model(folder / f"ft{i}", tuned, config, dtype, shards=shards)
     merge = {
         "merge_method": method,
         "base_model": "base",

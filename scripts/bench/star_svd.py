@@ -5,9 +5,11 @@
     nice -n 10 .venv/bin/python scripts/bench/star_svd.py --sections kernel,accuracy --sizes 1024,2048
 
 Sections (one BLAS thread; contenders interleaved round by round, medians, per-round ratios):
-  kernel    one task vector, η = 40, three spectra (flat Gaussian, rank-64 + 1e-3 noise, σ_i ∝ 1/i),
+  kernel    one task vector, η = 40, four spectra (flat Gaussian, rank-64 + 1e-3 noise, σ_i ∝ 1/i,
+            and σ_i ∝ i^-0.67 with random orthonormal vectors, as real fine-tunes have: "real_like"),
             square k×k and 1:4 k×4k: `naive` (torch.linalg.svd, the authors' rule, U_r diag(σ') V_rᵀ
-            formed) vs `star` (Star(): Gram values + certified iteration) vs `star_svd_values`
+            formed) vs `star` (Star(): Gram values and vectors from one tridiagonal reduction on the
+            CPU, methods/tridiagonal.py; on a GPU the certified iteration or eigh) vs `star_svd_values`
             (Star(values_method="svd"): the float32 values-only SVD, the previous default); each
             followed by the engine's acc += update. Kept ranks of all three and of the reference rule.
   accuracy  the STAR result vs STAR computed from a float64 SVD with the same r (max |diff| / max
@@ -17,7 +19,9 @@ Sections (one BLAS thread; contenders interleaved round by round, medians, per-r
             rank window (`star_dist/methods/spectrum.py`) allows 2 of.
   ranks     η from 1 to 100 on every spectrum: the Gram route's rank vs the reference rule's, and
             how often it fell back to the reference values ("gram->svd").
-  merge     a generated llama-shaped fp32 model × 4 fine-tunes, each merge in a child process:
+  merge     a generated llama-shaped fp32 model × 4 fine-tunes (task vectors with σ_i ∝ i^-0.67
+            like real fine-tunes', spectra.py; `--merge-spectrum lowrank`: rank 4 + flat noise),
+            each merge in a child process:
             star_dist in-process (1 thread) vs the naive in-memory STAR (every model loaded, a
             float32 full SVD per matrix, one thread); wall time, peak anonymous memory above the
             imports (sampled every 2 ms), and the largest difference of the merged weights.
@@ -52,7 +56,7 @@ from star_dist.methods.spectral import gram_side, kept_rank, singular_values  # 
 from star_dist.methods.spectrum import gram_values, star_spectrum  # noqa: E402
 
 ETA = 40.0
-KINDS = ("full_rank", "lowrank_plus_noise", "power_law")
+KINDS = ("full_rank", "lowrank_plus_noise", "power_law", "real_like")
 U32 = float(torch.finfo(torch.float32).eps) / 2
 
 
@@ -91,6 +95,10 @@ def make(kind: str, m: int, n: int, gen: torch.Generator) -> torch.Tensor:
         right = torch.randn(64, n, generator=gen) / n**0.5  # (64, n)
         noise = 1e-3 * torch.randn(m, n, generator=gen) if kind == "lowrank_plus_noise" else 0.0
         return left @ right / 8 + noise  # (m, n)
+    if kind == "real_like":  # σ_i ∝ i^-0.67 exactly, random singular vectors: real fine-tunes' (spectra.py)
+        from star_dist.tiny_models import power_law_update
+
+        return power_law_update(m, n, gen) / m**0.5
     k = min(m, n)  # "power_law": σ_i roughly ∝ 1/i, like a fine-tuning update's heavy tail
     decay = torch.arange(1, k + 1, dtype=torch.float32) ** -1.0  # (k,)
     left = torch.randn(m, k, generator=gen) / m**0.5  # (m, k) nearly orthonormal columns
@@ -318,14 +326,14 @@ def merged_difference(ours: Path, naive: Path) -> float:
     return diff / scale
 
 
-def bench_merge(shape_args: dict, n_models: int, repeats: int) -> dict:
+def bench_merge(shape_args: dict, n_models: int, repeats: int, spectrum: str = "power_law") -> dict:
     from star_dist.tiny_models import TinyShape, llama_shapes, make_tiny_merge
 
     shape = TinyShape(**shape_args)
     params = sum(math.prod(s) for s in llama_shapes(shape).values())
     with tempfile.TemporaryDirectory(prefix="star_svd_merge_") as tmp:
         work = Path(tmp)
-        config = make_tiny_merge(work, n_models=n_models, dtype="float32", shape=shape, shards=2)
+        config = make_tiny_merge(work, n_models=n_models, dtype="float32", shape=shape, shards=2, spectrum=spectrum)
         runs: dict[str, list[dict]] = {"star_dist": [], "naive": []}
         for round_ in range(repeats):
             for name in runs:
@@ -335,7 +343,7 @@ def bench_merge(shape_args: dict, n_models: int, repeats: int) -> dict:
                 print(f"merge round {round_}: {name} {runs[name][-1]['merge_wall_s']:.1f}s, peak anon "
                       f"{runs[name][-1]['peak_rss_anon_above_baseline'] / _bench.MIB:.0f} MiB", flush=True)
         diff = merged_difference(work / "star_dist_out0", work / "naive_out0")
-    return merge_summary(runs, shape_args, params, n_models, diff)
+    return {"spectrum": spectrum, **merge_summary(runs, shape_args, params, n_models, diff)}
 
 
 def run_contender(name: str, config: Path, out: Path, n_models: int) -> dict:
@@ -415,6 +423,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--merge-model", default="62M", choices=sorted(MERGE_SHAPES))
     parser.add_argument("--merge-repeats", type=int, default=2)
+    parser.add_argument("--merge-spectrum", default="power_law", choices=["power_law", "lowrank"],
+                        help="the fine-tunes' task vectors: power_law like real ones (spectra.py), or "
+                        "rank 4 + flat noise")
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 round: a smoke run")
     parser.add_argument("--update", action="store_true", help="keep the other sections of the existing JSON")
     args = parser.parse_args()
@@ -434,7 +445,7 @@ def main() -> None:
     if "ranks" in sections:
         report["ranks"] = bench_ranks([min(sizes[0], 512)])
     if "merge" in sections:
-        report["merge"] = bench_merge(MERGE_SHAPES[args.merge_model], 4, args.merge_repeats)
+        report["merge"] = bench_merge(MERGE_SHAPES[args.merge_model], 4, args.merge_repeats, args.merge_spectrum)
     if "lora" in sections:
         report["lora_4096_rank16"] = bench_lora(max(1, args.repeats - 1))
     report[f"machine_end_{'_'.join(sorted(sections))}"] = _bench.machine_info()

@@ -106,4 +106,5 @@ def reduce(gram: torch.Tensor) -> Tridiagonal | None:
         c, d, e, tau, info = lapack.dsytrd(gram.numpy().T, lower=1, lwork=max(lwork, 1))
     if info != 0:
         return None  # not expected for a finite symmetric matrix; torch's eigh then decides
-    return Tridiagonal(torch.from_numpy(np.ascontiguousarray(c)), torch.from_numpy(tau), d, e)
+    # c is column-major, the layout ormqr (LAPACK) reads: viewed as is, not copied.
+    return Tridiagonal(torch.from_numpy(c), torch.from_numpy(tau), d, e)

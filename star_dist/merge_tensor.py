@@ -24,7 +24,7 @@ from .lora import LoraSource
 from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
 from .methods.fold import FoldMethod
-from .methods.linear import FusedSum, subtract_upcast
+from .methods.linear import FusedSum, StagingBuffers, subtract_upcast
 from .planner import Source, TensorJob
 from .safetensors_format import DTYPES, FileShrank, StreamingShardWriter, TensorEntry, TensorReader
 
@@ -58,6 +58,8 @@ class TensorMerger:
         # On a GPU: pinned buffers and a side stream, so model i+1's input is copied while
         # model i's task vector is merged (device.py). On the CPU it hands tensors through.
         self.uploader = uploader if uploader is not None else Uploader(device)
+        # A streamed fused sum's two piece buffers, kept from tensor to tensor (FusedSum.stream).
+        self.staging = StagingBuffers()
 
     # -- mergekit per-tensor values (TensorJob.params, resolved by the plan) ---------------------
     def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -162,7 +164,7 @@ class TensorMerger:
             out = fused.run(torch.empty(job.base.numel, dtype=out_dtype), flat[0], flat[1:],
                             list(self.weights), self.lambda_)
         else:
-            fused.stream(flat[0], flat[1:], list(self.weights), self.lambda_, out_dtype, put)
+            fused.stream(flat[0], flat[1:], list(self.weights), self.lambda_, out_dtype, put, staging=self.staging)
         if not (fused.merged_ok and fused.out_ok):
             for entry, values in zip(entries, flat, strict=True):  # which input, in the unfused order
                 if not all_finite(values):

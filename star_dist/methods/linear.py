@@ -121,6 +121,29 @@ FUSED_CHUNK = 1 << 17
 STAGE_ELEMENTS = 1 << 21
 
 
+class StagingBuffers:
+    """The two byte buffers a streamed sum's pieces are computed in, used in turn.
+
+    The writer writes piece k while piece k+1 is computed, and has finished piece k before
+    it takes piece k+1 (StreamingShardWriter.tensor), so the buffer handed out next is always
+    free. One pair serves every tensor of a shard, whatever their dtypes; a buffer grows
+    to the largest piece asked of it and is never shrunk.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * 2
+        self._next = 0
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat `dtype` tensor of `numel` elements in the buffer after the last one taken."""
+        nbytes = numel * dtype.itemsize
+        index, self._next = self._next, 1 - self._next
+        if self._buffers[index].numel() < nbytes:
+            self._buffers[index] = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._buffers[index] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[index][:nbytes].view(dtype)
+
+
 @dataclass
 class FusedSum:
     """`out = cast(base + λ Σ_i w_i (W_i − base))`, computed block by block in cache.
@@ -155,7 +178,8 @@ class FusedSum:
         return out
 
     def stream(self, base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lambda_: float,
-               out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None], stage: int = STAGE_ELEMENTS) -> None:
+               out_dtype: torch.dtype, emit: Callable[[torch.Tensor], None], stage: int = STAGE_ELEMENTS,
+               staging: StagingBuffers | None = None) -> None:
         """The merged values in order, as pieces of at most `stage` elements handed to `emit`:
         the whole output tensor never exists, and the pieces reuse two staging buffers, so
         a piece may be changed once the one after it was emitted (what the writer needs).
@@ -165,14 +189,16 @@ class FusedSum:
             out_dtype: the pieces' dtype.
             emit: called with each flat piece, in order; not called past a block that failed.
             stage: elements per piece (rounded down to whole chunks).
+            staging: the two buffers, shared by the tensors of a shard so the last piece of
+                one tensor (still being written) and the next tensor's never make three.
         """
         numel = base.numel()
         stage = max(self.chunk, stage - stage % self.chunk)
-        buffers = [torch.empty(min(stage, numel), dtype=out_dtype) for _ in range(2 if numel > stage else 1)]
+        staging = staging if staging is not None else StagingBuffers()
         scratch = self._scratch(numel)
-        for index, start in enumerate(range(0, numel, stage)):
+        for start in range(0, numel, stage):
             stop = min(start + stage, numel)
-            piece = buffers[index % len(buffers)][: stop - start]
+            piece = staging.take(stop - start, out_dtype)
             self._fill(piece, base[start:stop], [m[start:stop] for m in models], weights, lambda_, scratch)
             if not self.merged_ok:
                 return
@@ -181,10 +207,10 @@ class FusedSum:
 
     @staticmethod
     def working_bytes(numel: int, out_itemsize: int, compute_itemsize: int = 4) -> int:
-        """Bytes a streamed sum holds besides the mapped inputs: two staging buffers and
-        three scratch blocks (bounded, whatever the tensor's size)."""
-        stage = min(numel, STAGE_ELEMENTS) * out_itemsize * (2 if numel > STAGE_ELEMENTS else 1)
-        return stage + 3 * min(numel, FUSED_CHUNK) * compute_itemsize
+        """Bytes a streamed sum holds besides the mapped inputs: two staging buffers (one may
+        still hold the previous tensor's last piece) and three scratch blocks (bounded,
+        whatever the tensor's size)."""
+        return 2 * min(numel, STAGE_ELEMENTS) * out_itemsize + 3 * min(numel, FUSED_CHUNK) * compute_itemsize
 
     def _scratch(self, numel: int) -> list[torch.Tensor]:
         size = min(self.chunk, numel)
@@ -201,16 +227,23 @@ class FusedSum:
 
     def _block(self, out: torch.Tensor, base: torch.Tensor, models: list[torch.Tensor],
                weights: list[float], lambda_: float, scratch: list[torch.Tensor]) -> None:
-        acc_base, acc, tau = scratch
-        acc_base.copy_(base)  # (block,) upcast: exact
+        base_block, acc, tau = scratch
+        if base.dtype == self.dtype:
+            base_block = base  # already the compute dtype: read in place, no copy
+        else:
+            base_block.copy_(base)  # (block,) upcast: exact
         acc.zero_()
         for model, weight in zip(models, weights, strict=True):
-            subtract_upcast(model, acc_base, tau)  # τ = W_i − W_base
+            subtract_upcast(model, base_block, tau)  # τ = W_i − W_base
             acc.add_(tau, alpha=weight)
-        acc_base.add_(acc, alpha=lambda_)  # the merged block, compute dtype
-        out.copy_(acc_base)  # cast to the output dtype, rounding as `.to` does
+        # The merged block in the compute dtype: straight into `out` when that is its dtype,
+        # else into the free τ block and then cast, rounding as `.to` does.
+        merged = out if out.dtype == self.dtype else tau
+        torch.add(base_block, acc, alpha=lambda_, out=merged)
+        if merged is not out:
+            out.copy_(merged)
         if not bool(torch.isfinite(out.sum(dtype=self.dtype))):  # a finite sum: all finite
-            self.merged_ok = bool(torch.isfinite(acc_base).all())
+            self.merged_ok = bool(torch.isfinite(merged).all())
             self.out_ok = self.out_ok and bool(torch.isfinite(out).all())
 
 

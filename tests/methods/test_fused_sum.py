@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_dist.methods.linear import FusedSum
+from star_dist.methods.linear import FusedSum, StagingBuffers
 
 
 def unfused(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], lam: float,
@@ -90,6 +90,31 @@ def test_streaming_stops_at_a_bad_block() -> None:
 
 
 def test_a_streamed_sum_holds_a_few_mib_whatever_the_size() -> None:
-    assert FusedSum.working_bytes(10, 2) == 10 * 2 + 3 * 10 * 4
+    assert FusedSum.working_bytes(10, 2) == 2 * 10 * 2 + 3 * 10 * 4
     huge = FusedSum.working_bytes(128256 * 8192, 2)  # a 70B embedding: 2.1 GB of bf16 output
     assert huge == FusedSum.working_bytes(10**12, 2) < 16 * 2**20
+
+
+def test_tensors_sharing_staging_buffers_never_hold_three() -> None:
+    """One pair of buffers serves a shard's tensors: the next tensor's first piece goes to the
+    buffer the previous tensor's last piece (still being written) is not in, whatever the dtypes."""
+    staging, seen, last = StagingBuffers(), set(), None
+
+    def emit(piece: torch.Tensor) -> None:
+        nonlocal last
+        if last is not None:  # the piece before must be untouched by this one
+            assert torch.equal(last[0], last[1])
+        last = (piece, piece.clone())
+        seen.add(piece.untyped_storage().data_ptr())
+
+    for n, dtype in [(100, torch.bfloat16), (48, torch.float32), (7, torch.bfloat16), (100, torch.float16)]:
+        base = torch.randn(n).to(dtype)
+        models = [base + 0.5]
+        expected = FusedSum(torch.float32, chunk=8).run(torch.empty(n, dtype=dtype), base, models, [1.0], 1.0)
+        pieces: list[torch.Tensor] = []
+        FusedSum(torch.float32, chunk=8).stream(
+            base, models, [1.0], 1.0, dtype, lambda p, pieces=pieces: (pieces.append(p.clone()), emit(p)),
+            stage=32, staging=staging)
+        assert torch.equal(torch.cat(pieces), expected)
+    # 64 B bf16 pieces in both buffers; one grown to the first float32 piece's 128 B.
+    assert len(seen) == 3 and sorted(b.numel() for b in staging._buffers) == [64, 128]

@@ -27,11 +27,11 @@ SPECTRAL_METHODS = frozenset({"star", "tsv", "iso_c", "iso_cts"})
 # of method, from measured peaks of the largest tensor's merge (scripts/bench/compare.py and
 # star_svd.py, 2026-12-03): STAR 4.6 (291M × 4, plus the Gram matrix); task arithmetic and
 # average from LoRA factors take whole-tensor passes, about 5 (dense, they are streamed to the
-# writer in pieces: FusedSum.working_bytes, a few MiB whatever the size); TIES 4.7-5.2 (N = 4,
-# flat in N since its row blocks are cache-sized).
+# writer in pieces: FusedSum.working_bytes, a few MiB whatever the size); TIES 4.4-5.2 (N = 4,
+# flat in N since its row blocks are cache-sized; 4.4-4.6 in results/compare_100m_io.json).
 SPECTRAL_COPIES = 5.0
 STREAMING_COPIES = 5.0
-JOINT_COPIES = 5.5
+JOINT_COPIES = 5.0
 # On a GPU the host keeps a pinned double buffer of one tensor's input (base + one model).
 PINNED_BUFFERS = 2
 
@@ -53,12 +53,25 @@ class Rates:
                 "elementwise_seconds": ELEMENT_SECONDS if self.elementwise else {}}
 
 
+# A CPU worker's read and write rates: calibrated with scripts/bench/compare.py (99.5M-parameter
+# llama × 4 from a warm page cache, 1 thread, the 2-core development machine, 2026-12-04:
+# task arithmetic and average run 1.0-1.2 s in bf16, 1.6-2.0 s in fp32). A cold disk or a
+# network filesystem is slower, and says so by running slower than planned.
+CPU_READ_BPS = 1.4e9
+CPU_WRITE_BPS = 0.7e9
+_IO_LABEL = (f"I/O {CPU_READ_BPS / 1e9:g} GB/s read, {CPU_WRITE_BPS / 1e9:g} GB/s write, as from a warm page cache "
+             "(calibrated; a cold disk is slower)")
+
 # CPU seconds per element per fine-tune of the kernels that are not I/O-bound, calibrated
-# with scripts/bench/compare.py (99.5M-parameter llama × 4, 1 thread, the 2-core development
-# machine, quiet: results/compare_100m_io.json): TIES' trim (radix select), sign election and
-# disjoint mean, 7.8 ns (fp32) to 12.0 ns (bf16) beyond the I/O model. Task arithmetic and
-# average sum in cache-sized blocks and fit the I/O model alone. Not counted on a GPU.
-ELEMENT_SECONDS = {"ties": 10e-9}
+# with scripts/bench/compare.py as above (results/compare_100m_io.json): TIES' trim (radix
+# select), sign election and disjoint mean, 14.8 ns (fp32) to 15.3 ns (bf16) beyond the I/O
+# model. Task arithmetic and average sum in cache-sized blocks and fit the I/O model alone.
+# Not counted on a GPU.
+ELEMENT_SECONDS = {"ties": 15e-9}
+
+# Heap a fused sum's worker holds beyond its buffers: the writer's and hasher's thread arenas
+# and allocator slack, 1-5 MiB measured above FusedSum.working_bytes (compare.py, as above).
+FUSED_OVERHEAD_BYTES = 4 << 20
 
 
 # Assumed, not measured here (no GPU on the machine this was written on): an H100/H200-class
@@ -168,7 +181,7 @@ def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool) ->
             return int(3 * f32 + 32 * (m + n) * sum(r or 0 for r in work.ranks))
         return int(SPECTRAL_COPIES * f32 + 8 * min(work.shape) ** 2)
     if fused:
-        return FusedSum.working_bytes(work.numel, work.bytes_out // max(work.numel, 1))
+        return FusedSum.working_bytes(work.numel, work.bytes_out // max(work.numel, 1)) + FUSED_OVERHEAD_BYTES
     if method.streaming:
         return int(STREAMING_COPIES * f32)
     return int(JOINT_COPIES * f32)
@@ -212,15 +225,15 @@ def measured_cpu_rates(threads: int = 1, size: int = 512) -> Rates:
         eig_s = _best_of(lambda: torch.linalg.eigvalsh(sym), 2)
     finally:
         torch.set_num_threads(before)
-    return Rates(f"the CPU of this machine ({threads} thread(s) per worker, measured: GEMM, eigvalsh; disk assumed "
-                 "1 GB/s read, 0.5 GB/s write)", 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, 1e9, 0.5e9)
+    return Rates(f"the CPU of this machine ({threads} thread(s) per worker, measured: GEMM, eigvalsh; {_IO_LABEL})",
+                 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, CPU_READ_BPS, CPU_WRITE_BPS)
 
 
 def io_only_cpu_rates(threads: int = 1) -> Rates:
     """The CPU's rates for a merge without spectral FLOPs: only the (assumed) disk rates count,
     so nothing is probed (the probe costs 0.1 s, more than a small task-arithmetic plan)."""
     return Rates(f"the CPU of this machine ({threads} thread(s) per worker; no spectral FLOPs, so not probed; "
-                 "disk assumed 1 GB/s read, 0.5 GB/s write)", 0.0, 0.0, 1e9, 0.5e9)  # 0: not probed
+                 f"{_IO_LABEL})", 0.0, 0.0, CPU_READ_BPS, CPU_WRITE_BPS)  # 0: not probed
 
 
 def _best_of(call: Any, repeats: int) -> float:

@@ -460,7 +460,8 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="+", default=DEFAULT_CONTENDERS)
     parser.add_argument("--workdir", default="/tmp/star_dist_compare")
     parser.add_argument("--mergekit-venv", default=str(DEFAULT_VENV))
-    parser.add_argument("--name", default="compare", help="results/<name>.json")
+    parser.add_argument("--name", default="compare",
+                        help="results/<name>.json; docs/benchmarks.* are rewritten for the default name only")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.* from the JSON")
     args = parser.parse_args()
     path = RESULTS / f"{args.name}.json"
@@ -471,7 +472,8 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
-    print(f"wrote {render(json.loads(path.read_text()), DOCS)}")
+    if args.render or args.name == "compare":  # docs/ shows the canonical run only
+        print(f"wrote {render(json.loads(path.read_text()), DOCS)}")
 
 
 CHILDREN = {"_floor": lambda a: child_floor(Path(a[0]), Path(a[1])),

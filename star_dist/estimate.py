@@ -46,28 +46,34 @@ class Rates:
     read_bps: float  # input bytes per second, per worker
     write_bps: float  # output bytes per second, per worker
     elementwise: bool = True  # count the streaming kernels' per-element CPU time (ELEMENT_SECONDS)
+    setup_s: float = 0.0  # once per merge, whatever its size
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "gemm_flops": self.gemm_flops, "eig_flops": self.eig_flops,
                 "read_bytes_per_s": self.read_bps, "write_bytes_per_s": self.write_bps,
-                "elementwise_seconds": ELEMENT_SECONDS if self.elementwise else {}}
+                "elementwise_seconds": ELEMENT_SECONDS if self.elementwise else {}, "setup_seconds": self.setup_s}
 
 
-# A CPU worker's read and write rates: calibrated with scripts/bench/compare.py (99.5M-parameter
-# llama × 4 from a warm page cache, 1 thread, the 2-core development machine, 2026-12-04:
-# task arithmetic and average run 1.0-1.2 s in bf16, 1.6-2.0 s in fp32). A cold disk or a
-# network filesystem is slower, and says so by running slower than planned.
-CPU_READ_BPS = 1.4e9
-CPU_WRITE_BPS = 0.7e9
-_IO_LABEL = (f"I/O {CPU_READ_BPS / 1e9:g} GB/s read, {CPU_WRITE_BPS / 1e9:g} GB/s write, as from a warm page cache "
-             "(calibrated; a cold disk is slower)")
+# A CPU worker's read and write rates and fixed cost per merge: calibrated with
+# scripts/bench/compare.py (llama-shaped × 4 from a warm page cache, 1 thread, the 2-core
+# development machine, 2026-12-04). The fixed cost is measured: the first merge in a process
+# after the imports (lazy imports, thread pools, the report) takes 0.2 s on a near-empty
+# model, 0.05 s after it. With it, one rate pair fits task arithmetic and average at 100M
+# (1.1 s bf16, 1.6 s fp32) and at 300M (results/compare.json: 2.6-2.8 s bf16, 3.9-4.2 s fp32)
+# to 0.85-1.14x. A cold disk or a network filesystem is slower (results/compare_cold.json:
+# 0.46-0.54x), and says so by running slower than planned.
+CPU_READ_BPS = 1.9e9
+CPU_WRITE_BPS = 0.95e9
+CPU_SETUP_SECONDS = 0.2
+_IO_LABEL = (f"I/O {CPU_READ_BPS / 1e9:g} GB/s read, {CPU_WRITE_BPS / 1e9:g} GB/s write, as from a warm page cache, "
+             f"+{CPU_SETUP_SECONDS:g} s per merge (calibrated; a cold disk is slower)")
 
 # CPU seconds per element per fine-tune of the kernels that are not I/O-bound, calibrated
-# with scripts/bench/compare.py as above (results/compare_100m_io.json): TIES' trim (radix
-# select), sign election and disjoint mean, 14.8 ns (fp32) to 15.3 ns (bf16) beyond the I/O
-# model. Task arithmetic and average sum in cache-sized blocks and fit the I/O model alone.
-# Not counted on a GPU.
-ELEMENT_SECONDS = {"ties": 15e-9}
+# with scripts/bench/compare.py as above: TIES' trim (radix select), sign election and
+# disjoint mean, 15.5 ns beyond the I/O model at 100M (results/compare_100m_io.json), 18-20 ns
+# at 300M (results/compare.json); 17.5 ns puts both within 0.87-1.12x. Task arithmetic and
+# average sum in cache-sized blocks and fit the I/O model alone. Not counted on a GPU.
+ELEMENT_SECONDS = {"ties": 17.5e-9}
 
 # Heap a fused sum's worker holds beyond its buffers: the writer's and hasher's thread arenas
 # and allocator slack, 1-5 MiB measured above FusedSum.working_bytes (compare.py, as above).
@@ -226,14 +232,15 @@ def measured_cpu_rates(threads: int = 1, size: int = 512) -> Rates:
     finally:
         torch.set_num_threads(before)
     return Rates(f"the CPU of this machine ({threads} thread(s) per worker, measured: GEMM, eigvalsh; {_IO_LABEL})",
-                 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, CPU_READ_BPS, CPU_WRITE_BPS)
+                 2.0 * size**3 / gemm_s, 4.0 / 3.0 * size**3 / eig_s, CPU_READ_BPS, CPU_WRITE_BPS,
+                 setup_s=CPU_SETUP_SECONDS)
 
 
 def io_only_cpu_rates(threads: int = 1) -> Rates:
     """The CPU's rates for a merge without spectral FLOPs: only the (assumed) disk rates count,
     so nothing is probed (the probe costs 0.1 s, more than a small task-arithmetic plan)."""
     return Rates(f"the CPU of this machine ({threads} thread(s) per worker; no spectral FLOPs, so not probed; "
-                 f"{_IO_LABEL})", 0.0, 0.0, CPU_READ_BPS, CPU_WRITE_BPS)  # 0: not probed
+                 f"{_IO_LABEL})", 0.0, 0.0, CPU_READ_BPS, CPU_WRITE_BPS, setup_s=CPU_SETUP_SECONDS)  # 0: not probed
 
 
 def _best_of(call: Any, repeats: int) -> float:
@@ -386,9 +393,10 @@ def estimate(works: list[TensorWork], method: Any, workers: int, device: str,
     totals = _totals(works, method)
     rates = cpu_rates or (measured_cpu_rates(threads) if totals.gemm or totals.eig else io_only_cpu_rates(threads))
     peak_cpu = max(on_cpu.values(), default=0)
-    cpu = DeviceEstimate("cpu", peak_cpu, peak_cpu, totals.seconds(rates, workers), rates)
+    cpu = DeviceEstimate("cpu", peak_cpu, peak_cpu, totals.seconds(rates, workers) + rates.setup_s, rates)
     gpu = DeviceEstimate("cuda", max((v for k, v in on_gpu.items() if k not in routed), default=0),
-                         _gpu_host_bytes(works, on_cpu, routed, on_gpu), totals.seconds(GPU_RATES, workers), GPU_RATES)
+                         _gpu_host_bytes(works, on_cpu, routed, on_gpu),
+                         totals.seconds(GPU_RATES, workers) + GPU_RATES.setup_s, GPU_RATES)
     return Estimate(workers, totals.gemm + totals.eig, totals.read, totals.written, cpu, gpu,
                     budget, source, routed)
 

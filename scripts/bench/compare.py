@@ -10,8 +10,11 @@ Every contender runs in its own child process, measured from outside: wall time,
 file-backed pages of mapped inputs are page cache, not what a merge holds), plus the machine's
 busy cores while it ran, so others' CPU share is known. Each child also times its own merge
 call (`inner_s`, no interpreter start or imports): ratios are taken on that. Contenders are
-interleaved, the order rotating each round; medians over rounds. Inputs are read from a warm
-page cache by every contender alike (they are read each round).
+interleaved, the order rotating each round; medians over rounds. Every contender starts from
+the same page cache: with `--cache warm` (the default) its inputs are read once, untimed, just
+before it starts (a page cache that empties between contenders, as on small VMs, would
+otherwise decide the ratios); with `--cache cold` they are evicted (`POSIX_FADV_DONTNEED`), as
+for a model too large to stay cached.
 
 Contenders: `floor` reads every input file once and writes the output's bytes (fsync), the
 bound of any streaming merge; `sd_<m>` is star_dist (`star_dist.merge`, in process, 1 thread);
@@ -52,6 +55,7 @@ METHODS = {"ta": ("task_arithmetic", {}), "avg": ("average", {}), "ties": ("ties
            "star": ("star", {"eta": 40})}
 MK_METHODS = {"ta": "task_arithmetic", "avg": "linear", "ties": "ties"}
 DEFAULT_CONTENDERS = ["floor", "sd_ta", "mk_ta", "sd_avg", "sd_ties", "mk_ties"]
+COLD_NAME = "compare_cold"  # the canonical --cache cold run, shown in docs/ after the warm one
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -245,10 +249,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = {dt: make_models(work / f"{args.size}_{dt}", args.size, dt) for dt in args.dtypes}
     result: dict[str, Any] = {"machine": machine_info(), "size": args.size, "n_models": N_MODELS,
                               "params": _count_params(models[args.dtypes[0]]), "samples": [], "hashes": {}}
+    result["cache"] = args.cache
     for rnd in range(args.rounds):
         order = args.contenders[rnd % len(args.contenders):] + args.contenders[: rnd % len(args.contenders)]
         for dtype in args.dtypes:
             for contender in order:
+                set_page_cache(models[dtype], args.cache)
                 sample = _one(contender, models[dtype], work / "out", dtype, mk_python, result["hashes"])
                 result["samples"].append({"round": rnd, "dtype": dtype, "contender": contender, **sample})
                 print(f"round {rnd} {dtype:8s} {contender:10s} {sample['inner_s']:8.2f} s  "
@@ -257,6 +263,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["plan_peak_memory"], result["plan_seconds"] = plan_estimates(models, args.contenders)
     result["summary"] = summarize(result["samples"])
     return result
+
+
+def set_page_cache(models: Path, state: str) -> None:
+    """Put every input file of `models` in the page cache ("warm": read once) or out of it
+    ("cold": flushed, then its pages dropped; the kernel drops clean pages only, so a file
+    just generated would otherwise stay cached)."""
+    buf = memoryview(bytearray(1 << 24))
+    for path in sorted(models.glob("*/*.safetensors")):
+        with open(path, "rb", buffering=0) as fh:
+            if state == "cold":
+                os.fsync(fh.fileno())
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                continue
+            while fh.readinto(buf):
+                pass
 
 
 def _one(contender: str, models: Path, out: Path, dtype: str, mk_python: Path | None,
@@ -337,18 +358,30 @@ LABELS = {"floor": "I/O floor (read inputs, write output)", "sd_ta": "star_dist 
           "naive_star": "naive STAR (in memory, full SVD)"}
 
 
-def render(result: dict[str, Any], docs: Path) -> Path:
-    """docs/benchmarks.md (tables) and docs/benchmarks.png (bars) from one result."""
+def render(result: dict[str, Any], docs: Path, cold: dict[str, Any] | None = None) -> Path:
+    """docs/benchmarks.md (tables) and docs/benchmarks.png (bars) from the canonical result,
+    with the cold-page-cache run's tables after it when there is one."""
     docs.mkdir(exist_ok=True)
     _plot(result, docs / "benchmarks.png")
+    lines = ["## Measured", "", "Regenerate (measures, then rewrites this section and the plot):", "",
+             "    nice -n 10 .venv/bin/python scripts/bench/compare.py " + result.get("command", ""), "",
+             *_run_lines(result)]
+    if cold is not None:
+        lines += ["## Measured from a cold page cache", "",
+                  "    nice -n 10 .venv/bin/python scripts/bench/compare.py " + cold.get("command", ""), "",
+                  *_run_lines(cold)]
+    path = docs / "benchmarks.md"
+    path.write_text(_splice(path.read_text() if path.exists() else "", "\n".join(lines)))
+    return path
+
+
+def _run_lines(result: dict[str, Any]) -> list[str]:
+    """One run's description, tables per dtype and plan-versus-measured lines."""
     m = result["machine"]
+    cache = {"warm": "inputs read into the page cache just before each contender",
+             "cold": "inputs evicted from the page cache before each contender"}.get(
+                 result.get("cache", ""), "page cache as the previous contender left it")
     lines = [
-        "## Measured",
-        "",
-        "Regenerate (measures, then rewrites this section and the plot):",
-        "",
-        "    nice -n 10 .venv/bin/python scripts/bench/compare.py " + result.get("command", ""),
-        "",
         f"Measured {m['date']} at commit `{m['git_commit']}` on {m['nproc']} cores ({m['cpu_model']}), "
         f"{m['mem_total_gib']} GiB, torch {m['versions'].get('torch')}, 1 torch thread per merge. "
         f"Model: llama-shaped, {result['params'] / 1e6:.0f}M parameters, base + {result['n_models']} fine-tunes. "
@@ -356,17 +389,16 @@ def render(result: dict[str, Any], docs: Path) -> Path:
         "interpreter start or imports), `process s` the whole child process. Memory: peak anonymous "
         "memory (what the merge allocates; mapped inputs are page cache) and peak RSS (VmHWM; n/a in runs made "
         "before it was sampled). Load average at "
-        f"start {m['loadavg_at_start'][0]:.2f}; `others` is the cores other people's jobs used meanwhile.",
+        f"start {m['loadavg_at_start'][0]:.2f}; `others` is the cores other people's jobs used meanwhile. "
+        f"Page cache: {cache}.",
         "",
     ]
     for dtype, block in result["summary"].items():
         lines += _table(dtype, block)
     lines += _plan_lines(result)
-    lines += ["![merge time per contender](benchmarks.png)", "",
-              f"Raw samples: `scripts/bench/results/{result.get('name', 'compare')}.json`."]
-    path = docs / "benchmarks.md"
-    path.write_text(_splice(path.read_text() if path.exists() else "", "\n".join(lines)))
-    return path
+    if result.get("name", "compare") == "compare":
+        lines += ["![merge time per contender](benchmarks.png)", ""]
+    return [*lines, f"Raw samples: `scripts/bench/results/{result.get('name', 'compare')}.json`.", ""]
 
 
 BEGIN, END = "<!-- compare.py: generated from here -->", "<!-- compare.py: to here -->"
@@ -457,11 +489,13 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="300m")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cache", choices=["warm", "cold"], default="warm",
+                        help="inputs in the page cache when each contender starts, or evicted")
     parser.add_argument("--contenders", nargs="+", default=DEFAULT_CONTENDERS)
     parser.add_argument("--workdir", default="/tmp/star_dist_compare")
     parser.add_argument("--mergekit-venv", default=str(DEFAULT_VENV))
     parser.add_argument("--name", default="compare",
-                        help="results/<name>.json; docs/benchmarks.* are rewritten for the default name only")
+                        help=f"results/<name>.json; docs/benchmarks.* are rewritten for compare and {COLD_NAME} only")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.* from the JSON")
     args = parser.parse_args()
     path = RESULTS / f"{args.name}.json"
@@ -472,8 +506,11 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {path}")
-    if args.render or args.name == "compare":  # docs/ shows the canonical run only
-        print(f"wrote {render(json.loads(path.read_text()), DOCS)}")
+    if args.render or args.name in ("compare", COLD_NAME):  # docs/ shows the canonical runs only
+        main_run = RESULTS / "compare.json" if args.name == COLD_NAME else path
+        cold = RESULTS / f"{COLD_NAME}.json"
+        page = render(json.loads(main_run.read_text()), DOCS, json.loads(cold.read_text()) if cold.exists() else None)
+        print(f"wrote {page}")
 
 
 CHILDREN = {"_floor": lambda a: child_floor(Path(a[0]), Path(a[1])),

@@ -26,7 +26,8 @@ Sections (one BLAS thread; contenders interleaved round by round, medians, per-r
             float32 full SVD per matrix, one thread); wall time, peak anonymous memory above the
             imports (sampled every 2 ms), and the largest difference of the merged weights.
   lora      dense vs factorized STAR on a 4096×4096 rank-16 LoRA update (slow: ~1 min).
-Writes scripts/bench/results/star_svd.json (or star_svd_quick.json).
+Writes scripts/bench/results/star_svd.json (or star_svd_quick.json, or `--name`.json); the issue's
+291M merge: `--sections merge --merge-model 291M --name star_svd_merge_291M` (~8 min a round).
 """
 
 from __future__ import annotations
@@ -428,13 +429,14 @@ def main() -> None:
                         "rank 4 + flat noise")
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 round: a smoke run")
     parser.add_argument("--update", action="store_true", help="keep the other sections of the existing JSON")
+    parser.add_argument("--name", help="results/<name>.json (default star_svd, or star_svd_quick with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats, args.merge_model, args.merge_repeats = "256", 1, "quick", 1
     torch.set_num_threads(1)  # a benchmark setting; the library sets nothing global
     sizes = [int(s) for s in args.sizes.split(",")]
     sections = set(args.sections.split(","))
-    name = "star_svd_quick" if args.quick else "star_svd"
+    name = args.name or ("star_svd_quick" if args.quick else "star_svd")
     previous = _bench.RESULTS / f"{name}.json"
     report: dict[str, Any] = json.loads(previous.read_text()) if args.update and previous.exists() else {}
     report.update(eta=ETA, **{f"machine_start_{'_'.join(sorted(sections))}": _bench.machine_info()})

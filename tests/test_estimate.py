@@ -16,11 +16,13 @@ from safetensors import safe_open
 import star_dist
 from star_dist.errors import ConfigError
 from star_dist.estimate import (
+    CPU_SETUP_SECONDS,
     ELEMENT_SECONDS,
     GPU_RATES,
     Rates,
     TensorWork,
     estimate,
+    io_only_cpu_rates,
     measured_cpu_rates,
     place_tensors,
     spectral_flops,
@@ -214,3 +216,13 @@ def test_ties_time_counts_its_calibrated_per_element_kernel_on_the_cpu_only() ->
     gpu = [estimate(works, m, 1, "cuda", budget=2**34, cpu_budget=2**34, cpu_rates=FIXED_RATES).gpu.seconds
            for m in (ta, ties)]
     assert gpu[0] == gpu[1]  # not counted on a GPU (unmeasured there)
+
+
+def test_the_cpu_set_up_cost_is_counted_once_per_merge_whatever_its_size() -> None:
+    ta = get_method("task_arithmetic")
+    with_setup = dataclasses.replace(FIXED_RATES, setup_s=0.5)
+    for works, workers in (([_work((1024,), ranks=(None,) * 4)], 1),
+                           ([_work((4096, 1024), ranks=(None,) * 4)] * 3, 2)):
+        plain = estimate(works, ta, workers, "cpu", cpu_rates=FIXED_RATES).cpu.seconds
+        assert estimate(works, ta, workers, "cpu", cpu_rates=with_setup).cpu.seconds == pytest.approx(plain + 0.5)
+    assert io_only_cpu_rates().setup_s == CPU_SETUP_SECONDS > 0

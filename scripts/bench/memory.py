@@ -61,7 +61,11 @@ def make_models(folder: Path, rows: int, cols: int, n_models: int) -> None:
         "model.embed_tokens.weight": torch.randn(rows, cols, generator=gen) / cols**0.5,  # (rows, cols)
         "model.norm.weight": torch.ones(cols) + 0.01 * torch.randn(cols, generator=gen),  # (cols,)
     }
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32"}
+    # A real llama config for exactly these tensors (no layers, tied head), so the plan's
+    # architecture check accepts them; its defaults would describe a 7B model.
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+              "vocab_size": rows, "hidden_size": cols, "intermediate_size": 4 * cols, "num_hidden_layers": 0,
+              "num_attention_heads": max(1, cols // 128), "tie_word_embeddings": True}
     save_model(folder / "base", base, config, "float32")
     for i in range(n_models):
         save_model(folder / f"ft{i}", make_finetune(base, seed=1000 * (i + 1)), config, "float32")

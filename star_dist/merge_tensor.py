@@ -20,6 +20,7 @@ import torch
 from .device import Uploader
 from .device import resolve_device as resolve_device  # the shard runner's import; device.py owns it
 from .errors import DataError, InputError, MergeError
+from .finite import all_finite, finite
 from .lora import LoraSource
 from .mergekit_params import method_for
 from .methods.base import JointMethod, LowRank, MergeMethod, StreamingMethod, TaskVector, dense
@@ -344,15 +345,6 @@ class TensorMerger:
         return LowRank(b.mul_(src.scale), a)
 
 
-def finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf: one sum (finite only if every term is), the exact check only when it is not
-    (a NaN, an Inf, or a sum that overflowed). No mask the size of the tensor on the happy path."""
-    if tensor.numel() == 0:
-        return True
-    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or all_finite(tensor)
-
-
 def _input_not_finite(entry: TensorEntry, name: str) -> str:
     return f"{entry.file}: tensor {name!r} contains NaN or Inf; the input is corrupt"
 
@@ -363,13 +355,6 @@ def _merged_not_finite(name: str) -> str:
 
 def _overflow(job: TensorJob) -> str:
     return f"tensor {job.name!r}: the merged values overflow {job.out_dtype}; use a wider out_dtype"
-
-
-def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
-    """No NaN or Inf, checked in chunks: `isfinite` on a whole tensor briefly costs almost two
-    more copies of it (a bool mask and the reduction), which is the peak we must not grow."""
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _accumulate(acc: torch.Tensor, update: TaskVector, weight: float) -> torch.Tensor:

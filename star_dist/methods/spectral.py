@@ -30,7 +30,8 @@ SVD of left @ right from two QRs and an r×r SVD, never forming the m×n matrix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -46,6 +47,11 @@ _SUBSPACE_TOL = 1e-9
 _SUBSPACE_MAX_ITER = 40
 _SUBSPACE_EXTRA_STEPS = 4
 _SUBSPACE_SEED = 0
+# Products with τ upcast it to float64 one row block at a time, about this many elements
+# (32 MiB) per block and at least this many rows (each block's GEMM stays efficient): no
+# float64 copy of τ is ever held, which was two float32 copies of every dense matrix.
+_BLOCK_ELEMENTS = 1 << 22
+_BLOCK_MIN_ROWS = 256
 # Machine epsilons, for the error allowances of the known σ (`_next_eigenvalue_bound`).
 _EPS32 = float(torch.finfo(torch.float32).eps)
 _EPS64 = float(torch.finfo(torch.float64).eps)
@@ -100,67 +106,99 @@ def kept_rank(s: torch.Tensor, eta: float) -> int:
 
 @dataclass(frozen=True)
 class GramSide:
-    """τ as one tall float64 matrix (τᵀ when τ is wide) and, once formed, its Gram matrix.
+    """τ as one tall matrix (τᵀ when τ is wide) and, once formed, its float64 Gram matrix.
 
     The Gram side is the smaller one: G = tallᵀ tall is (k, k), k = min(m, n). The values
     route (`spectrum.star_spectrum`) forms G once, and the vectors reuse it, so a block power
-    step costs one (k, k) @ (k, b) product instead of two passes over τ.
+    step costs one (k, k) @ (k, b) product instead of two passes over τ. `tall` stays in τ's
+    own dtype; every product reads it as float64 row blocks (`row_blocks`), so the float64
+    arithmetic is unchanged and the memory is τ's own plus one block.
     """
 
-    tall: torch.Tensor  # (max(m, n), k) float64: τ, or a transposed view of τ when wide
+    tall: torch.Tensor  # (max(m, n), k) τ, or a transposed view of τ when wide; τ's dtype
     wide: bool  # True when tall = τᵀ (m < n)
     gram: torch.Tensor | None = None  # (k, k) float64 tallᵀ tall, or None when not formed
     vectors: torch.Tensor | None = None  # (k, k) G's eigenvectors, descending, when eigh already ran
     tridiagonal: Tridiagonal | None = None  # G reduced once on the CPU: values and top vectors from it
 
+    def row_blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, tall[rows] in float64) for consecutive row blocks covering `tall`.
+
+        One float64 buffer is refilled for every block (a view of τ itself when τ is float64),
+        so a block is valid only until the next one is taken: use it at once.
+        """
+        n_rows, k = self.tall.shape
+        step = min(n_rows, max(_BLOCK_MIN_ROWS, _BLOCK_ELEMENTS // max(k, 1)))
+        upcast = self.tall.dtype != torch.float64
+        buffer = torch.empty(step, k, dtype=torch.float64, device=self.tall.device) if upcast else None  # (step, k)
+        for start in range(0, n_rows, step):
+            rows = slice(start, min(start + step, n_rows))
+            if buffer is None:
+                yield rows, self.tall[rows]  # (rows, k) float64 already
+            else:
+                yield rows, buffer[: rows.stop - start].copy_(self.tall[rows])  # (rows, k)
+
     def times(self, block: torch.Tensor) -> torch.Tensor:
         """G @ block, (k, b): from the formed G, else tallᵀ (tall @ block) without forming it."""
         if self.gram is not None:
             return self.gram @ block  # (k, k) @ (k, b)
-        return self.tall.T @ (self.tall @ block)  # (k, max) @ (max, b)
+        out = torch.zeros(self.tall.shape[1], block.shape[1], dtype=torch.float64, device=block.device)  # (k, b)
+        for _, part in self.row_blocks():
+            out.addmm_(part.T, part @ block)  # (k, rows) @ (rows, b)
+        return out
+
+    def project(self, basis: torch.Tensor) -> torch.Tensor:
+        """tall @ basis, (max, r) float64, for a (k, r) float64 basis."""
+        out = torch.empty(self.tall.shape[0], basis.shape[1], dtype=torch.float64, device=basis.device)  # (max, r)
+        for rows, block in self.row_blocks():
+            torch.matmul(block, basis, out=out[rows])  # (rows, k) @ (k, r)
+        return out
 
 
 def gram_side(tau: torch.Tensor, form: bool = True, device: torch.device | str | None = None) -> GramSide:
-    """τ (or τᵀ, so the Gram side is the smaller) as float64 on `device`, G formed if `form`.
+    """τ (or τᵀ, so the Gram side is the smaller) on `device`, its float64 G formed if `form`.
 
     Args:
-        tau: a 2-D task vector (float32, or any float dtype; it is upcast).
+        tau: a 2-D task vector (float32, or any float dtype: products read it as float64).
         form: whether to form G = tallᵀ tall (one GEMM, the dense routes need it).
         device: where to compute; None keeps τ's device (a GPU worker passes its cuda device).
 
     Returns:
-        The GramSide; one float64 copy of τ (2× its float32 bytes) serves every product.
+        The GramSide. It holds τ itself (moved to `device` if needed), not a float64 copy.
     """
-    tau64 = (tau if device is None else tau.to(device, non_blocking=True)).to(torch.float64)  # (m, n)
+    tau = tau if device is None else tau.to(device, non_blocking=True)  # (m, n)
     wide = tau.shape[0] < tau.shape[1]
-    tall = tau64.T if wide else tau64  # (max, k), a view: GEMMs read either layout at full speed
-    return GramSide(tall, wide, _gram(tall) if form else None)
+    tall = tau.T if wide else tau  # (max, k), a view: GEMMs read either layout at full speed
+    side = GramSide(tall, wide)
+    return replace(side, gram=_gram(side)) if form else side
 
 
-def _gram(tall: torch.Tensor) -> torch.Tensor:
-    """G = tallᵀ tall (k, k) from the blocks on and above the diagonal, mirrored below.
+def _gram(side: GramSide) -> torch.Tensor:
+    """G = tallᵀ tall (k, k) float64, summed over row blocks, from the blocks on and above the
+    diagonal, mirrored below.
 
     torch has no SYRK; with c column blocks the c(c+1)/2 products cost (c+1)/(2c) of the full
     GEMM (62.5% at c = 4; blocks of ≥ 256 columns keep each GEMM efficient), and G comes out
     exactly symmetric.
     """
-    k = tall.shape[1]
+    k = side.tall.shape[1]
     c = 4 if k >= 1024 else 2 if k >= 512 else 1
     edges = [round(i * k / c) for i in range(c + 1)]
-    gram = torch.empty(k, k, dtype=tall.dtype, device=tall.device)  # (k, k)
-    for j in range(c):
-        rows = slice(edges[j], edges[j + 1])
-        for col in range(j, c):
-            cols = slice(edges[col], edges[col + 1])
-            gram[rows, cols] = tall[:, rows].T @ tall[:, cols]  # (k_j, max) @ (max, k_c)
-            if col > j:
-                gram[cols, rows] = gram[rows, cols].T
+    gram = torch.zeros(k, k, dtype=torch.float64, device=side.tall.device)  # (k, k)
+    parts = [slice(edges[j], edges[j + 1]) for j in range(c)]
+    pairs = [(parts[j], parts[col]) for j in range(c) for col in range(j, c)]  # on and above the diagonal
+    for _, block in side.row_blocks():
+        for rows, cols in pairs:
+            gram[rows, cols].addmm_(block[:, rows].T, block[:, cols])  # (k_j, b) @ (b, k_c)
+    for rows, cols in pairs:
+        if rows != cols:
+            gram[cols, rows] = gram[rows, cols].T
     return gram
 
 
 def _as_factors(side: GramSide, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From an orthonormal basis (k, r) of the top right singular subspace of `tall` to factors of τ."""
-    projected = side.tall @ basis  # (max, r) = U_r diag(σ_r) on the long side
+    projected = side.project(basis)  # (max, r) = U_r diag(σ_r) on the long side
     if side.wide:
         return basis, projected.T  # (m, r) U_r, (r, n) diag(σ_r) V_rᵀ
     return projected, basis.T  # (m, r) U_r diag(σ_r), (r, n) V_rᵀ
@@ -172,7 +210,7 @@ def _gram_basis(side: GramSide, r: int) -> torch.Tensor:
         return side.vectors[:, :r]  # (k, r)
     if side.tridiagonal is not None:  # ... or reduced G to tridiagonal form: r vectors from it
         return side.tridiagonal.top_vectors(r)  # (k, r)
-    gram = side.gram if side.gram is not None else side.tall.T @ side.tall  # (k, k)
+    gram = side.gram if side.gram is not None else _gram(side)  # (k, k)
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
     return vectors[:, vectors.shape[1] - r :].flip(-1)  # (k, r)
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from star_dist.errors import ConfigError, DataError
+from star_dist.finite import finite
 from star_dist.methods.base import LowRank, StreamingMethod, TaskVector
 from star_dist.methods.params import as_number
 from star_dist.methods.spectral import TopMethod, kept_rank, lowrank_svd, top_factors
@@ -92,7 +93,7 @@ class Star(StreamingMethod):
 
     def _transform_dense(self, tau: torch.Tensor) -> tuple[TaskVector, dict[str, Any]]:
         """STAR of a non-empty (m, n) τ: its spectrum and rank, then the top-r factors, rescaled."""
-        if not bool(torch.isfinite(tau).all()):
+        if not finite(tau):  # no mask the size of τ: that was the peak of a STAR merge
             raise DataError("STAR: the task vector holds NaN or Inf; check the input weights")
         home = tau.device  # the result goes back where τ came from
         tau = tau if self.device is None else tau.to(self.device, non_blocking=True)
@@ -111,7 +112,7 @@ class Star(StreamingMethod):
         """The same STAR for left @ right from its exact thin SVD, never forming the m×n matrix."""
         if 0 in (*tau.shape, tau.rank):  # an empty matrix or a rank-0 adapter: nothing to keep
             return _zero(tau.shape, tau.left.device, tau.left.dtype), _stats(0, 0.0, 0.0)
-        if not (bool(torch.isfinite(tau.left).all()) and bool(torch.isfinite(tau.right).all())):
+        if not (finite(tau.left) and finite(tau.right)):
             raise DataError("STAR: the LoRA factors hold NaN or Inf; check the adapter weights")
         u, s, vh = lowrank_svd(tau.left, tau.right)  # (m, k), (k,), (k, n) float64
         r = kept_rank(s, self.params.eta)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from star_dist.errors import MergeError
+from star_dist.methods import spectral
 from star_dist.methods.spectral import (
     _subspace_basis,
     _subspace_plan,
@@ -122,6 +123,40 @@ def test_singular_values_are_accurate_for_small_values() -> None:
     assert s.dtype == torch.float32 and s.shape == (30,)
     # float32 rounding of τ itself bounds the error at ~1e-7·σ_1 for every value.
     assert torch.allclose(s[:4].double(), torch.tensor(s_true, dtype=torch.float64), atol=5e-7)
+
+
+# -- products over float64 row blocks (GramSide) ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("m", "n"), [(700, 96), (96, 700), (300, 300)])
+def test_row_block_products_equal_the_whole_float64_products(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, m: int, n: int
+) -> None:
+    """G, G @ X and tall @ X summed over several row blocks (a last, shorter one included) equal
+    the products of the whole float64 matrix; the side keeps τ itself, never a float64 copy."""
+    monkeypatch.setattr(spectral, "_BLOCK_ELEMENTS", 96 * 64)
+    monkeypatch.setattr(spectral, "_BLOCK_MIN_ROWS", 64)  # 64-row blocks: 2 to 11 of them
+    tau = torch.randn(m, n, generator=torch.Generator().manual_seed(3)).to(dtype)
+    formed, lazy = gram_side(tau), gram_side(tau, form=False)
+    tall64 = (tau.T if m < n else tau).double()  # (max, k)
+    k = tall64.shape[1]
+    x = torch.randn(k, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))  # (k, 5)
+    assert formed.tall.dtype == dtype and formed.tall.data_ptr() == tau.data_ptr()
+    assert len(list(formed.row_blocks())) == -(-tall64.shape[0] // 64)
+    assert formed.gram is not None and torch.equal(formed.gram, formed.gram.T)  # exactly symmetric
+    assert torch.allclose(formed.gram, tall64.T @ tall64, rtol=1e-12, atol=1e-12 * k)
+    assert torch.allclose(lazy.times(x), tall64.T @ (tall64 @ x), rtol=1e-11, atol=1e-11 * k)
+    assert torch.allclose(formed.project(x), tall64 @ x, rtol=1e-12, atol=1e-12 * k)
+
+
+def test_row_blocked_star_factors_match_the_float64_truncation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spectral, "_BLOCK_ELEMENTS", 40 * 64)
+    monkeypatch.setattr(spectral, "_BLOCK_MIN_ROWS", 64)
+    tau = spectrum_matrix(500, 40, [10.0 / (i + 1) for i in range(40)], seed=5)
+    for method in ("gram", "subspace"):
+        left, right = top_factors(tau, 6, method, singular_values(tau))
+        assert torch.allclose(left @ right, exact_truncation(tau, 6), rtol=0, atol=1e-9)
 
 
 # -- lowrank_svd -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,6 +100,35 @@ def test_non_finite_task_vector_raises() -> None:
         Star().transform(tau)
     with pytest.raises(MergeError, match="LoRA factors"):
         Star().transform(LowRank(torch.full((6, 2), float("inf")), rand(2, 5)))
+
+
+STAR_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+import torch
+from star_dist.methods import Star
+torch.set_num_threads(1)
+m, n, headroom = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+gen = torch.Generator().manual_seed(0)
+u, _ = torch.linalg.qr(torch.randn(m, n, generator=gen))
+v, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+tau = ((u * torch.arange(1, n + 1) ** -0.67) @ v.T).contiguous()  # (m, n) float32
+del u, v
+Star().transform(tau[:512, :256])  # LAPACK, SciPy and their workspaces loaded first
+used = int(next(l for l in open("/proc/self/status") if l.startswith("VmData:")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (used + int(headroom * tau.numel() * 4), resource.RLIM_INFINITY))
+update, stats = Star().transform(tau)
+print("kept", stats["kept_rank"])
+"""
+
+
+def test_dense_star_allocates_less_than_two_more_copies_of_a_tall_task_vector() -> None:
+    """STAR of an 8192×1024 float32 τ under RLIMIT_DATA = what it holds + 2.5 copies of τ: no
+    float64 copy of τ (2 copies), no NaN mask the size of τ (about 2 more at its peak: the
+    version before both needed 3.5). It needs 1.75 today: G, one float64 row block, the factors."""
+    run = subprocess.run([sys.executable, "-c", STAR_UNDER_A_MEMORY_LIMIT, "8192", "1024", "2.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "kept 91"
 
 
 # -- LoRA (factorized) vs dense --------------------------------------------------------------

@@ -360,7 +360,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = build_plan(config, "merged", run_options(args))
     summary = plan.summary()
     summary["warnings"] = [*config.notes, *summary["warnings"]]
-    resolved = resolved_parameters(config, plan.shards[0].weights if plan.shards else ())
+    resolved = resolved_parameters(config, plan.run.weights)
     summary["resolved"] = resolved
     summary["runtime"] = runtime_summary(plan, run_options(args))
     if args.json:

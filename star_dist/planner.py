@@ -61,26 +61,35 @@ class TensorJob:
 
 
 @dataclass(frozen=True)
+class RunSpec:
+    """What every shard of one run shares: the method and its weights, the numerics, where the
+    output goes and the plan's fingerprint. One per plan, handed to workers beside each shard
+    job (never copied into it). Small and picklable."""
+
+    method: str
+    method_params: tuple[tuple[str, Any], ...]
+    model_params: tuple[tuple[tuple[str, Any], ...], ...]  # each model's own (TIES: density)
+    weights: tuple[float, ...]  # resolved per model (the method's defaults filled in)
+    lambda_: float
+    compute_dtype: str
+    out_dir: str
+    threads: int  # torch threads per worker: LAPACK's bytes depend on it
+    device: str  # as requested ("auto", "cpu", "cuda"); a Ray worker puts where it computes
+    fingerprint: str
+    output_format: str = "model"  # "model" | "adapter"
+
+
+@dataclass(frozen=True)
 class ShardJob:
-    """The unit of work: write one output shard. Small and picklable (paths, not tensors)."""
+    """The unit of work: write one output shard. Small and picklable (paths, not tensors);
+    what it shares with the run's other shards is in the plan's `RunSpec`."""
 
     index: int
     file_name: str
     tensors: tuple[TensorJob, ...]
-    method: str
-    method_params: tuple[tuple[str, Any], ...]
-    model_params: tuple[tuple[tuple[str, Any], ...], ...]  # each model's own (TIES: density)
-    weights: tuple[float, ...]
-    lambda_: float
-    compute_dtype: str
-    out_dir: str
-    threads: int
-    device: str
-    fingerprint: str
     cost: float  # relative compute cost, to hand out the most expensive shards first
     bytes_read: int
     bytes_out: int  # for an adapter: an upper bound (ranks are known only after STAR)
-    output_format: str = "model"
     hub_files: tuple[HubFile, ...] = ()  # the pinned hub files it reads, fetched by the worker's node
 
 
@@ -92,6 +101,7 @@ class MergePlan:
     out_dir: Path
     base: Checkpoint
     inputs: list[FullInput | LoraAdapter]
+    run: RunSpec  # what every shard shares
     shards: list[ShardJob]
     fingerprint: str
     n_svds: int
@@ -195,13 +205,13 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
     groups = _group_tensors(config, _placed(tensor_jobs, cost.routed_to_cpu), options.max_shard_size)
     hub = _hub_files(config, base, inputs)
     identity = plan_identity(config, options, base, inputs, groups, hub)
-    shards = _shard_jobs(config, method, groups, out_dir, options, identity["fingerprint"], hub,
-                         ordering_rates(options.device))
+    shards = _shard_jobs(method, groups, hub, ordering_rates(options.device), config.output_format)
     return MergePlan(
         config=config,
         out_dir=out_dir,
         base=base,
         inputs=inputs,
+        run=run_spec(config, method, out_dir, options, identity["fingerprint"]),
         shards=shards,
         fingerprint=identity["fingerprint"],
         identity=identity,
@@ -275,29 +285,36 @@ def _group_tensors(config: MergeConfig, jobs: list[TensorJob], max_shard_size: i
     return [[_as_adapter_job(t, out_dtype_code) for t in adapted]]
 
 
-def _shard_jobs(config: MergeConfig, method: MergeMethod, groups: list[list[TensorJob]], out_dir: Path,
-                options: RunOptions, fingerprint: str, hub: dict[str, HubFile], rates: Rates) -> list[ShardJob]:
+def run_spec(config: MergeConfig, method: MergeMethod, out_dir: Path, options: RunOptions,
+             fingerprint: str) -> RunSpec:
+    """The run-wide part of every shard's work: method, resolved weights, numerics, output."""
+    return RunSpec(
+        method=config.merge_method,
+        method_params=tuple(sorted(config.method_params().items())),
+        model_params=tuple(tuple(sorted(p.items())) for p in config.model_method_params()),
+        weights=tuple(method.resolve_weights(config.model_weights())),
+        lambda_=config.lambda_,
+        compute_dtype=config.compute_dtype,
+        out_dir=str(out_dir),
+        threads=options.threads_per_worker,
+        device=options.device,
+        fingerprint=fingerprint,
+        output_format=config.output_format,
+    )
+
+
+def _shard_jobs(method: MergeMethod, groups: list[list[TensorJob]], hub: dict[str, HubFile], rates: Rates,
+                output_format: str) -> list[ShardJob]:
     """The picklable unit of work for each group of tensors; its cost is the cost model's
     time for it at `rates` (FLOPs and bytes), so the slowest shards are handed out first."""
     return [
         ShardJob(
             index=i,
-            file_name=_shard_name(config.output_format, i, len(groups)),
+            file_name=_shard_name(output_format, i, len(groups)),
             tensors=tuple(tensors),
-            method=config.merge_method,
-            method_params=tuple(sorted(config.method_params().items())),
-            model_params=tuple(tuple(sorted(p.items())) for p in config.model_method_params()),
-            weights=tuple(method.resolve_weights(config.model_weights())),
-            lambda_=config.lambda_,
-            compute_dtype=config.compute_dtype,
-            out_dir=str(out_dir),
-            threads=options.threads_per_worker,
-            device=options.device,
-            fingerprint=fingerprint,
             cost=work_seconds(tensor_works(tensors), method, rates),
             bytes_read=sum(_bytes_read(t) for t in tensors),
             bytes_out=sum(t.out_bytes for t in tensors),
-            output_format=config.output_format,
             hub_files=tuple(hub[f] for f in sorted(_files_of(tensors)) if f in hub),
         )
         for i, tensors in enumerate(groups)

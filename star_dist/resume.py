@@ -15,27 +15,28 @@ import os
 from pathlib import Path
 
 from .output import manifest_path
-from .planner import MergePlan, ShardJob
+from .planner import MergePlan, RunSpec, ShardJob
 from .shard import Manifest
 
 
-def trusted_manifest(job: ShardJob) -> Manifest | None:
+def trusted_manifest(run: RunSpec, job: ShardJob) -> Manifest | None:
     """The manifest of a shard an earlier run finished, if the file still matches it (same
     plan fingerprint, size and mtime); None means redo it.
 
     Args:
-        job: the shard job of this run's plan.
+        run: this run's spec (output folder, fingerprint).
+        job: one shard job of this run's plan.
 
     Returns:
         The manifest, or None.
     """
-    out_dir = Path(job.out_dir)
+    out_dir = Path(run.out_dir)
     try:
         manifest = json.loads(manifest_path(out_dir, job.file_name).read_text())
         st = os.stat(out_dir / job.file_name)
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("fingerprint") != job.fingerprint:
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != run.fingerprint:
         return None
     if st.st_size != manifest.get("size") or st.st_mtime_ns != manifest.get("mtime_ns"):
         return None
@@ -44,7 +45,7 @@ def trusted_manifest(job: ShardJob) -> Manifest | None:
 
 def finished_shards(plan: MergePlan) -> dict[str, Manifest]:
     """file name -> manifest, for every shard of the plan an earlier run finished."""
-    return {job.file_name: m for job in plan.shards if (m := trusted_manifest(job)) is not None}
+    return {job.file_name: m for job in plan.shards if (m := trusted_manifest(plan.run, job)) is not None}
 
 
 def on_other_device(done: dict[str, Manifest], device: str) -> list[str]:

@@ -119,7 +119,7 @@ def _execute(plan: MergePlan, options: RunOptions, done: dict[str, Manifest]
             say(f"resuming: {len(done)} of {len(plan.shards)} shards already complete")
         progress = Progress(sum(j.bytes_out for j in todo), sum(len(j.tensors) for j in todo), options.quiet)
         try:
-            return done, runtime.run(todo, progress)
+            return done, runtime.run(plan.run, todo, progress)
         finally:
             progress.close()
 

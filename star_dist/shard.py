@@ -1,8 +1,8 @@
-"""merge_shard(job) -> manifest: the unit of work. Plain Python, no Ray inside.
+"""merge_shard(run, job) -> manifest: the unit of work. Plain Python, no Ray inside.
 
 It runs the same in the driver's process (`--runtime local`) and inside a Ray actor, and
 writes exactly the same bytes in both, as long as the thread count is the same (LAPACK
-and BLAS reductions depend on it), which is why the job carries it.
+and BLAS reductions depend on it), which is why the run spec carries it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .lora import PEFT_PREFIX
 from .merge_tensor import TensorMerger, resolve_device
 from .methods import MergeMethod, get_method
 from .output import manifest_path, write_atomic
-from .planner import ShardJob, TensorJob
-from .safetensors_format import TORCH_TO_CODE, StreamingShardWriter, TensorReader, sha256_file
+from .planner import RunSpec, ShardJob, TensorJob
+from .safetensors_format import TORCH_TO_CODE, StreamingShardWriter, TensorReader
 
 Manifest = dict[str, Any]
 
@@ -39,6 +39,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def merge_shard(
+    run: RunSpec,
     job: ShardJob,
     on_tensor: Callable[[str, int], None] | None = None,
     worker: dict[str, Any] | None = None,
@@ -46,25 +47,32 @@ def merge_shard(
 ) -> Manifest:
     """Merge every tensor of one output shard, write it atomically, then its manifest.
 
-    `on_tensor(name, out_bytes)` is called after each tensor, for progress bars; `worker`
-    (who ran it: id, pid, GPU ids) is recorded in the manifest. With `overlap` (the default)
-    the next tensor's inputs are read ahead and the last one is written and hashed by a
-    helper thread while the current one merges; without it every step runs in turn. The
-    bytes are the same either way.
+    With `overlap` the next tensor's inputs are read ahead and the last one is written and
+    hashed by a helper thread while the current one merges; without it every step runs in
+    turn. The bytes are the same either way.
+
+    Args:
+        run: what every shard of the run shares (method, weights, output folder, fingerprint).
+        job: this shard: its file name and tensors.
+        on_tensor: called as `on_tensor(name, out_bytes)` after each tensor, for progress bars.
+        worker: who ran it (id, pid, GPU ids, node), recorded in the manifest.
+        overlap: read ahead and write behind on helper threads (default True).
+    Returns:
+        The shard's manifest, also written beside the shard after the shard is in place.
     """
     start = time.perf_counter()
-    if job.output_format == "adapter":
-        return _merge_adapter(job, start, worker, on_tensor)
-    out_dir = Path(job.out_dir)
-    method = method_of(job)
-    device = resolve_device(job.device)
+    if run.output_format == "adapter":
+        return _merge_adapter(run, job, start, worker, on_tensor)
+    out_dir = Path(run.out_dir)
+    method = method_of(run)
+    device = resolve_device(run.device)
     writer = StreamingShardWriter(
         out_dir / job.file_name, [(t.name, t.out_dtype, t.shape) for t in job.tensors], background=overlap
     )
     report: dict[str, Any] = {}
     try:
-        with torch_threads(job.threads), TensorReader(prefetch_pages=overlap) as reader:
-            merger = TensorMerger(method, job.weights, job.lambda_, reader, device, job.compute_dtype)
+        with torch_threads(run.threads), TensorReader(prefetch_pages=overlap) as reader:
+            merger = TensorMerger(method, run.weights, run.lambda_, reader, device, run.compute_dtype)
             for tensor_job in read_ahead(job.tensors, merger.prefetch if overlap else None):
                 report[tensor_job.name] = merger.merge_into(tensor_job, writer)
                 if on_tensor is not None:
@@ -73,7 +81,7 @@ def merge_shard(
     except BaseException:
         writer.abort()
         raise
-    return _finish(job, size, sha256, report, start, worker)
+    return _finish(run, job, size, sha256, report, start, worker)
 
 
 def read_ahead(
@@ -90,41 +98,43 @@ def read_ahead(
         yield tensor_job
 
 
-def method_of(job: ShardJob) -> MergeMethod:
-    """The job's merge method, with its global and per-model parameters."""
-    return get_method(job.method, dict(job.method_params), [dict(p) for p in job.model_params])
+def method_of(run: RunSpec) -> MergeMethod:
+    """The run's merge method, with its global and per-model parameters."""
+    return get_method(run.method, dict(run.method_params), [dict(p) for p in run.model_params])
 
 
 def _finish(
-    job: ShardJob, size: int, sha256: str, report: dict[str, Any], start: float, worker: dict[str, Any] | None
+    run: RunSpec, job: ShardJob, size: int, sha256: str, report: dict[str, Any], start: float,
+    worker: dict[str, Any] | None,
 ) -> Manifest:
     """Write the shard's manifest (after the shard itself is in place) and return it."""
     manifest: Manifest = {
         "file": job.file_name,
         "size": size,
-        "mtime_ns": os.stat(Path(job.out_dir) / job.file_name).st_mtime_ns,  # with size: what resume trusts
-        "device": resolve_device(job.device).type,  # where it was computed: a resume never mixes devices
+        "mtime_ns": os.stat(Path(run.out_dir) / job.file_name).st_mtime_ns,  # with size: what resume trusts
+        "device": resolve_device(run.device).type,  # where it was computed: a resume never mixes devices
         "sha256": sha256,
-        "fingerprint": job.fingerprint,
+        "fingerprint": run.fingerprint,
         "tensors": [t.name for t in job.tensors],
         "report": report,
         "worker": {"pid": os.getpid(), **(worker or {}), "seconds": round(time.perf_counter() - start, 3)},
     }
-    write_atomic(manifest_path(Path(job.out_dir), job.file_name), json.dumps(manifest, indent=1).encode())
+    write_atomic(manifest_path(Path(run.out_dir), job.file_name), json.dumps(manifest, indent=1).encode())
     return manifest
 
 
 def _merge_adapter(
-    job: ShardJob, start: float, worker: dict[str, Any] | None, on_tensor: Callable[[str, int], None] | None
+    run: RunSpec, job: ShardJob, start: float, worker: dict[str, Any] | None,
+    on_tensor: Callable[[str, int], None] | None,
 ) -> Manifest:
     """One PEFT adapter file: every module's merged factors. Ranks are known only after
     STAR, so the (small) factors are computed first and then written with their header;
     the bar advances per module by its planned (upper-bound) bytes, as the plan counted them."""
-    method = method_of(job)
+    method = method_of(run)
     factors: list[tuple[str, torch.Tensor]] = []
     report: dict[str, Any] = {}
-    with torch_threads(job.threads), TensorReader() as reader:
-        merger = TensorMerger(method, job.weights, job.lambda_, reader, resolve_device(job.device), job.compute_dtype)
+    with torch_threads(run.threads), TensorReader() as reader:
+        merger = TensorMerger(method, run.weights, run.lambda_, reader, resolve_device(run.device), run.compute_dtype)
         for tensor_job in job.tensors:
             lora_b, lora_a, report[tensor_job.name] = merger.merge_factors(tensor_job)
             module = PEFT_PREFIX + tensor_job.name.removesuffix(".weight")
@@ -133,7 +143,7 @@ def _merge_adapter(
                 on_tensor(tensor_job.name, tensor_job.out_bytes)
     factors.sort(key=lambda item: item[0])
     writer = StreamingShardWriter(
-        Path(job.out_dir) / job.file_name,
+        Path(run.out_dir) / job.file_name,
         [(name, TORCH_TO_CODE[t.dtype], tuple(t.shape)) for name, t in factors],
     )
     try:
@@ -143,27 +153,7 @@ def _merge_adapter(
     except BaseException:
         writer.abort()
         raise
-    return _finish(job, size, sha256, report, start, worker)
+    return _finish(run, job, size, sha256, report, start, worker)
 
 
-def completed_manifest(job: ShardJob) -> Manifest | None:
-    """The manifest of a shard an earlier run finished, if it still checks out (same plan
-    fingerprint, file present with the recorded size and sha256); None means redo it."""
-    out_dir = Path(job.out_dir)
-    path = manifest_path(out_dir, job.file_name)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    shard = out_dir / job.file_name
-    if (
-        manifest.get("fingerprint") != job.fingerprint
-        or not shard.exists()
-        or shard.stat().st_size != manifest.get("size")
-        or sha256_file(shard) != manifest.get("sha256")
-    ):
-        return None
-    return manifest
-
-
-__all__ = ["merge_shard", "completed_manifest", "torch_threads", "Manifest"]
+__all__ = ["merge_shard", "method_of", "torch_threads", "Manifest"]

@@ -32,13 +32,13 @@ def crashing_worker(once_marker: Path | None = None, on_shard: str | None = None
     marker = str(once_marker) if once_marker else None
 
     class CrashingWorker(ray_runtime.ShardWorker):
-        def merge(self, job):  # type: ignore[no-untyped-def]
+        def merge(self, run, job):  # type: ignore[no-untyped-def]
             if marker and not os.path.exists(marker):
                 Path(marker).write_text(str(os.getpid()))
                 os._exit(1)
             if on_shard == job.file_name:
                 os._exit(1)
-            return super().merge(job)
+            return super().merge(run, job)
 
     return CrashingWorker
 

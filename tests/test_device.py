@@ -139,7 +139,7 @@ def test_the_merge_loop_streams_inputs_through_the_uploader_with_the_same_result
     streamed_inputs = 0
     with TensorReader() as reader:
         for shard in plan.shards:
-            args = (method_of(shard), shard.weights, shard.lambda_, reader, torch.device("cpu"))
+            args = (method_of(plan.run), plan.run.weights, plan.run.lambda_, reader, torch.device("cpu"))
             plain = TensorMerger(*args)
             streamed = TensorMerger(*args, uploader=Uploader(torch.device("cuda"), ops=RecordingOps(log)))
             for job in shard.tensors:

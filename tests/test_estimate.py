@@ -152,12 +152,11 @@ def test_a_routed_tensor_merges_on_the_cpu_whatever_the_shards_device(tiny_fp32:
     """TensorMerger honours a job's own device: on a merger whose device could compute
     nothing (meta), the routed job still gives the CPU's bytes."""
     plan = star_dist.plan(tiny_fp32 / "merge.yaml")
-    shard = plan.shards[0]
-    job = shard.tensors[0]
-    method = get_method(shard.method, dict(shard.method_params))
+    run, job = plan.run, plan.shards[0].tensors[0]
+    method = get_method(run.method, dict(run.method_params))
     with TensorReader() as reader:
-        on_cpu, _ = TensorMerger(method, shard.weights, shard.lambda_, reader, torch.device("cpu")).merge(job)
-        meta = TensorMerger(method, shard.weights, shard.lambda_, reader, torch.device("meta"))
+        on_cpu, _ = TensorMerger(method, run.weights, run.lambda_, reader, torch.device("cpu")).merge(job)
+        meta = TensorMerger(method, run.weights, run.lambda_, reader, torch.device("meta"))
         routed, _ = meta.merge(dataclasses.replace(job, device="cpu"))
         assert meta.device.type == "meta"  # restored after the tensor
     assert torch.equal(routed, on_cpu)

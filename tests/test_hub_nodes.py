@@ -99,7 +99,7 @@ def test_each_node_fetches_only_the_files_its_shards_read(
         node = "a" if i < len(plan.shards) // 2 else "b"  # each node takes a run of neighbouring shards
         local_job, fetched = hub.localize(job, cache_dir=nodes[node])
         assert all(path.startswith(str(nodes[node])) for path in fetched.values())
-        manifests.append(merge_shard(local_job))
+        manifests.append(merge_shard(plan.run, local_job))
         wanted[node] |= {(f.repo_id, f.filename) for f in job.hub_files}
     finalize(plan, manifests)
     for node, cache in nodes.items():

@@ -5,8 +5,10 @@ check of every shard against its manifest before the index."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 import star_dist
 from star_dist.config import RunOptions
 from star_dist.errors import ConfigError, OutputError
+from star_dist.planner import RunSpec, ShardJob
 
 from .conftest import folder_bytes, run_cli
 
@@ -35,6 +38,17 @@ def test_run_options_report_every_problem_at_once() -> None:
     assert RunOptions().runtime == "auto"
 
 
+def test_run_wide_settings_live_once_in_the_run_spec(tiny_fp32: Path, tmp_path: Path) -> None:
+    """Method, weights, output folder and fingerprint are the plan's one RunSpec; a shard job
+    carries only its own file and tensors, so none of them travels once per shard."""
+    plan = star_dist.plan(tiny_fp32 / "merge.yaml", tmp_path / "out", max_shard_size="60kB")
+    assert len(plan.shards) > 2
+    assert not {f.name for f in dataclasses.fields(RunSpec)} & {f.name for f in dataclasses.fields(ShardJob)}
+    assert plan.run.fingerprint == plan.fingerprint and plan.run.out_dir == str(plan.out_dir)
+    for job in plan.shards:
+        assert plan.run.fingerprint.encode() not in pickle.dumps(job)
+
+
 def test_paths_are_absolute_and_the_fingerprint_ignores_spelling(
     tiny_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -48,8 +62,8 @@ def test_paths_are_absolute_and_the_fingerprint_ignores_spelling(
     there = star_dist.plan(cfg, tiny_fp32 / "out")
     assert here.fingerprint == there.fingerprint
     assert here.out_dir == tiny_fp32 / "out" and here.out_dir.is_absolute()
+    assert Path(here.run.out_dir).is_absolute()
     for job in here.shards:
-        assert Path(job.out_dir).is_absolute()
         files = [f for t in job.tensors for f in (t.base.file, *(m.file for m in t.models))]
         assert all(Path(f).is_absolute() for f in files)
     assert "device" not in here.identity["settings"]  # --device auto is a request, not an identity
@@ -137,7 +151,7 @@ def test_finalize_refuses_a_shard_the_driver_sees_with_another_size(tiny_fp32: P
     plan = build_plan(star_dist.load_config(tiny_fp32 / "merge.yaml"), tmp_path / "out",
                       RunOptions(max_shard_size=60_000))
     claim_output_dir(plan.out_dir, plan.identity, overwrite=False)
-    manifests = [merge_shard(job) for job in plan.shards]
+    manifests = [merge_shard(plan.run, job) for job in plan.shards]
     lost = plan.out_dir / manifests[1]["file"]
     lost.unlink()  # as if its worker wrote to a disk the driver does not see
     with pytest.raises(OutputError) as info:

@@ -194,7 +194,7 @@ def test_same_bytes_whatever_the_shard_order(tiny_fp32: Path, tmp_path: Path) ->
     plan = build_plan(cfg, tmp_path / "b", RunOptions(max_shard_size=60_000))
     claim_output_dir(plan.out_dir, plan.identity, overwrite=False)
     for job in reversed(plan.shards):
-        merge_shard(job)
+        merge_shard(plan.run, job)
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
 
 
@@ -258,11 +258,11 @@ def test_a_crash_after_some_shards_keeps_them_for_the_resume(
     out = tmp_path / "out"
     calls = []
 
-    def dies_on_the_second(job, **kwargs):
+    def dies_on_the_second(run, job, **kwargs):
         calls.append(job.file_name)
         if len(calls) == 2:
             raise MergeError(f"shard {job.file_name}: worker died")
-        return merge_shard(job, **kwargs)
+        return merge_shard(run, job, **kwargs)
 
     monkeypatch.setattr(local, "merge_shard", dies_on_the_second)
     with pytest.raises(MergeError, match="worker died"):

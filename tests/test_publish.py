@@ -130,6 +130,6 @@ def test_adapter_merge_advances_the_progress_per_module(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     seen: list[tuple[str, int]] = []
     job = plan.shards[0]
-    merge_shard(job, on_tensor=lambda name, nbytes: seen.append((name, nbytes)))
+    merge_shard(plan.run, job, on_tensor=lambda name, nbytes: seen.append((name, nbytes)))
     assert [name for name, _ in seen] == [t.name for t in job.tensors]
     assert sum(n for _, n in seen) == job.bytes_out and len(seen) == 4  # q_proj, v_proj of 2 layers

@@ -43,7 +43,7 @@ def test_overlapped_shard_loop_writes_the_same_bytes_as_the_plain_one(
         assert len(plan.shards) > 2  # several shards, several tensors each
         out.mkdir()
         for shard in plan.shards:
-            manifest = merge_shard(shard, overlap=overlap)
+            manifest = merge_shard(plan.run, shard, overlap=overlap)
             assert manifest["size"] == (out / shard.file_name).stat().st_size
         outputs[overlap] = folder_bytes(out)
     assert outputs[True] == outputs[False]

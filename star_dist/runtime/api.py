@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..planner import ShardJob
+from ..planner import RunSpec, ShardJob
 from ..progress import Progress
 from ..shard import Manifest
 
-ShardRunner = Callable[[list[ShardJob], Progress], list[Manifest]]
+ShardRunner = Callable[[RunSpec, list[ShardJob], Progress], list[Manifest]]
 
 
 @dataclass(frozen=True)
@@ -18,5 +18,5 @@ class Runtime:
 
     name: str  # "local" | "ray"
     device: Callable[[], str]  # where its workers compute ("cpu" | "cuda"); Ray: once a worker has started
-    run: ShardRunner  # merge the shards, returning their manifests
+    run: ShardRunner  # merge the shards of one run spec, returning their manifests
     verify: Callable[[list[tuple[str, str]]], list[str]]  # (shard path, sha256) -> the paths that differ

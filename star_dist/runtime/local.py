@@ -8,7 +8,7 @@ from ..config import RunOptions
 from ..errors import MergeError, StarDistError
 from ..files import shard_os_error
 from ..merge_tensor import resolve_device
-from ..planner import ShardJob
+from ..planner import RunSpec, ShardJob
 from ..progress import Progress
 from ..resume import hash_differs
 from ..shard import Manifest, merge_shard
@@ -23,9 +23,9 @@ def local_runtime(options: RunOptions) -> Runtime:
     return Runtime("local", lambda: device, run_shards, verify_shards)
 
 
-def run_shards(jobs: list[ShardJob], progress: Progress) -> list[Manifest]:
+def run_shards(run: RunSpec, jobs: list[ShardJob], progress: Progress) -> list[Manifest]:
     """Merge each shard in turn, reporting progress tensor by tensor."""
-    return [_merge_one(job, progress) for job in jobs]
+    return [_merge_one(run, job, progress) for job in jobs]
 
 
 def verify_shards(shards: list[tuple[str, str]]) -> list[str]:
@@ -35,13 +35,13 @@ def verify_shards(shards: list[tuple[str, str]]) -> list[str]:
     return [path for (path, _), bad in zip(shards, differs, strict=True) if bad]
 
 
-def _merge_one(job: ShardJob, progress: Progress) -> Manifest:
+def _merge_one(run: RunSpec, job: ShardJob, progress: Progress) -> Manifest:
     """One shard; a failure comes back as one line naming the shard, as from a Ray worker."""
     try:
-        return merge_shard(job, on_tensor=lambda _name, nbytes: progress.advance(1, nbytes))
+        return merge_shard(run, job, on_tensor=lambda _name, nbytes: progress.advance(1, nbytes))
     except StarDistError:
         raise  # already names the file and tensor
     except OSError as exc:
-        raise shard_os_error(exc, job.file_name, job.out_dir) from None
+        raise shard_os_error(exc, job.file_name, run.out_dir) from None
     except Exception as exc:  # a bug or a library failure: still name where it happened
         raise MergeError(f"shard {job.file_name}: merge failed: {type(exc).__name__}: {exc}") from exc

@@ -25,7 +25,7 @@ from typing import Any
 from ..config import RunOptions
 from ..errors import ClusterError, MergeError, StarDistError
 from ..files import shard_os_error
-from ..planner import ShardJob
+from ..planner import RunSpec, ShardJob
 from ..progress import Progress
 from ..shard import Manifest
 from .api import Runtime
@@ -105,7 +105,8 @@ class ShardWorker:
 
         return not hash_differs(path, sha256)
 
-    def merge(self, job: ShardJob) -> Manifest:
+    def merge(self, run: RunSpec, job: ShardJob) -> Manifest:
+        """One shard, on this worker's device, its hub files read from this node's cache."""
         from ..hub import localize
         from ..shard import merge_shard
 
@@ -115,7 +116,7 @@ class ShardWorker:
         job, fetched = localize(job)  # hub files: this node's own cache, fetched if missing
         if fetched:
             info = {**info, "hub_files": fetched}
-        manifest = merge_shard(dataclasses.replace(job, device=info["device"]), worker=info)
+        manifest = merge_shard(dataclasses.replace(run, device=info["device"]), job, worker=info)
         log.info("[worker %d] %s: done in %.1fs", self.worker_id, job.file_name, time.perf_counter() - start)
         return manifest
 
@@ -271,7 +272,9 @@ class ActorPool:
         same = ray.get(refs, timeout=max(600.0, 60.0 * len(shards)))
         return [path for (path, _), ok in zip(shards, same, strict=True) if not ok]
 
-    def run(self, jobs: list[ShardJob], progress: Progress, nodes: list[dict[str, float]]) -> list[Manifest]:
+    def run(self, run: RunSpec, jobs: list[ShardJob], progress: Progress, nodes: list[dict[str, float]]
+            ) -> list[Manifest]:
+        """Every job merged on the pool, most expensive first as given; their manifests."""
         import ray
 
         progress.message(f"ray: {self._shape.describe()}")
@@ -283,14 +286,14 @@ class ActorPool:
         while queue or self.in_flight:
             while queue and self.idle:
                 job, actor = queue.pop(0), self.idle.pop()
-                self.in_flight[actor.merge.remote(job)] = (job, actor)
+                self.in_flight[actor.merge.remote(run, job)] = (job, actor)
             ready, _ = ray.wait([*self.in_flight, *self.starting], num_returns=1, timeout=WAIT_SLICE_S)
             for ref in ready:
                 if ref in self.starting:
                     self._started(ref)
                     continue
                 job, actor = self.in_flight.pop(ref)
-                manifest = self._collect(ref, job, deaths, progress)
+                manifest = self._collect(ref, job, run.out_dir, deaths, progress)
                 if manifest is None:
                     queue.insert(0, job)
                     continue
@@ -321,7 +324,8 @@ class ActorPool:
         self._device = self._device or info["device"]
         self.idle.append(actor)
 
-    def _collect(self, ref: Any, job: ShardJob, deaths: dict[str, int], progress: Progress) -> Manifest | None:
+    def _collect(self, ref: Any, job: ShardJob, out_dir: str, deaths: dict[str, int], progress: Progress
+                 ) -> Manifest | None:
         """The shard's manifest, or None when its actor died for good and it must be redone."""
         import ray
 
@@ -339,7 +343,7 @@ class ActorPool:
             self._new_actor()  # never reuse a dead actor
             return None
         except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc, f"shard {job.file_name}", job) from None
+            raise _unwrap(exc, f"shard {job.file_name}", (job.file_name, out_dir)) from None
 
     def _asks(self) -> str:
         return f"each asks for {self._shape.num_cpus:g} CPU and {self._shape.num_gpus:g} GPU"
@@ -364,14 +368,14 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _unwrap(exc: Exception, where: str, job: ShardJob | None = None) -> StarDistError:
+def _unwrap(exc: Exception, where: str, shard: tuple[str, str] | None = None) -> StarDistError:
     """A worker's own StarDistError comes back as itself, with where it happened added; an
     OSError (a full or read-only disk on the worker's side) as the same one line the local
-    runtime gives."""
+    runtime gives; `shard` is (file name, output folder) when a shard failed."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, StarDistError):
         return type(cause)(f"{where}: {cause}")
-    if isinstance(cause, OSError) and job is not None:
-        return shard_os_error(cause, job.file_name, job.out_dir)
+    if isinstance(cause, OSError) and shard is not None:
+        return shard_os_error(cause, *shard)
     lines = str(cause or exc).strip().splitlines()
     return MergeError(f"{where}: worker failed: {lines[-1] if lines else type(exc).__name__}")

@@ -76,9 +76,34 @@ def merge(config: ConfigLike, out_dir: str | Path, **options: Any) -> MergeResul
     `runtime="auto"` (the default, as on the command line) joins `address=` or RAY_ADDRESS
     when given, starts an embedded Ray cluster when the plan says several workers would
     finish sooner, and otherwise runs in this process; `runtime="local"` always runs here,
-    `runtime="ray"` always on Ray. Other options: see `RunOptions` (max_shard_size,
-    overwrite, quiet, workers, device, threads_per_worker, verify_resume). Rerunning an
+    `runtime="ray"` always on Ray. The keywords are `RunOptions`' fields. Rerunning an
     interrupted merge with the same arguments resumes it.
+
+    Args:
+        config: a MergeConfig, a mergekit-style dict, or the path of a YAML file.
+        out_dir: the output folder: missing, empty, an earlier run of this merge (resumed), or any with overwrite.
+        max_shard_size: largest output shard, in bytes (int) or as text ("5GB", "500MB", "2GiB"); default 5 GB.
+        overwrite: replace the contents of a non-empty folder (kept aside until the merge completes); default False.
+        quiet: no progress bar and no notices on stderr; default False.
+        runtime: "auto" (default), "ray" or "local", as above.
+        address: the Ray cluster to join: "auto", "host:port" or "ray://host:port"; None (default): none given.
+        workers: how many workers; None (default): one per GPU, else one per `threads_per_worker` CPU cores.
+        device: "auto" (default: a GPU where the worker has one), "cpu" or "cuda".
+        threads_per_worker: torch threads per CPU worker (default 1); the output bytes depend on it.
+        connect_timeout_s: seconds to wait for the Ray cluster to answer (default 30).
+        start_timeout_s: seconds to wait for a first Ray worker to start before failing (default 300).
+        verify_resume: re-hash the shards an earlier run finished before keeping them; default False.
+        verify: check the output against its config.json's architecture when done; default True.
+        max_memory_per_worker: bytes (int) one worker may use on its device; None (default): what it has.
+    Returns:
+        The MergeResult: the files written, shards done and resumed, the report, where it ran and why.
+    Raises:
+        ConfigError: an invalid config, an unknown or invalid keyword, or a tensor that fits no device's memory.
+        InputError: an input that is missing, corrupt, or does not fit the base.
+        OutputError: an output folder that is not empty (without overwrite), overlaps an input, or cannot be written.
+        MergeError: a tensor that cannot be merged (NaN or Inf) or a worker that failed past its retries.
+        ClusterError: a Ray cluster that cannot be reached, or where no worker starts in time.
+        VerifyError: an output that does not match its config.json's architecture (the files are kept).
     """
     from .run import run_merge
 
@@ -87,7 +112,19 @@ def merge(config: ConfigLike, out_dir: str | Path, **options: Any) -> MergeResul
 
 
 def plan(config: ConfigLike, out_dir: str | Path = "merged", **options: Any) -> MergePlan:
-    """Validate the inputs from their headers and return the plan, writing nothing."""
+    """Validate the inputs from their headers and return the plan, writing nothing.
+
+    Args:
+        config: a MergeConfig, a mergekit-style dict, or the path of a YAML file.
+        out_dir: the output folder the plan names (default "merged"); not read or created.
+        **options: the keywords `merge` takes (`RunOptions`' fields), all checked; max_shard_size,
+            device, max_memory_per_worker, workers and threads_per_worker shape the plan.
+    Returns:
+        The MergePlan: shards, bytes, memory and time estimates; `.summary()` is what `star-dist plan` prints.
+    Raises:
+        ConfigError: an invalid config, an unknown or invalid keyword, or a tensor that fits no device's memory.
+        InputError: an input that is missing, corrupt, or does not fit the base.
+    """
     from .planner import build_plan
 
     return build_plan(load_config(config), out_dir, _options(**options))

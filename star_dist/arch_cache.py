@@ -64,7 +64,13 @@ def load(key: str | None) -> dict[str, Any] | None:
 
 
 def store(key: str | None, data: dict[str, Any]) -> None:
-    """Keep `data` under `key` (tmp + rename, so a reader never sees half a file)."""
+    """Keep `data` under `key` (tmp + rename, so a reader never sees half a file); best effort,
+    a cache that cannot be written is skipped silently.
+
+    Args:
+        key: the architecture's key (`cache_key`); None: store nothing.
+        data: the architecture, as JSON-serializable data.
+    """
     if key is None:
         return
     folder = cache_dir()

@@ -174,6 +174,14 @@ def resolve_model_folder(source: str, weights: bool = True) -> Path:
     into the driver's cache (star_dist.hub), honouring HF_HUB_CACHE and HF_HUB_OFFLINE, so a
     pre-filled cache works without network access. `weights=False` (planning) fetches only
     the headers of weight files not cached yet (star_dist.hub_headers).
+
+    Args:
+        source: a local folder (`~` expanded), or a hub id `org/name` or `org/name@revision`.
+        weights: False to plan only: uncached weight files of a hub id become header stubs.
+    Returns:
+        The local folder: the path itself, or the hub snapshot's (or stub) folder named by its commit.
+    Raises:
+        InputError: a file or missing path that is no hub id, or a hub fetch that failed.
     """
     path = Path(os.path.expanduser(source))
     if path.is_dir():

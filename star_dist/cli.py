@@ -333,7 +333,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def merge_summary(config: MergeConfig, result: Any) -> dict[str, Any]:
-    """What a pipeline needs from a finished merge: where, what, and the config as merged."""
+    """What a pipeline needs from a finished merge (`--json`): where, what, and the config as merged.
+
+    Args:
+        config: the merge config that was run.
+        result: the MergeResult `run_merge` returned.
+    Returns:
+        A JSON-serializable dict: out_dir, method, inputs, files, shard counts, notes, warnings,
+        runtime and why, bytes read per worker, and the verification line.
+    """
     return {
         "out_dir": str(result.out_dir),
         "method": config.merge_method,
@@ -416,7 +424,14 @@ def _duration(seconds: float) -> str:
 
 
 def runtime_summary(plan: Any, options: RunOptions) -> dict[str, Any]:
-    """Where `merge` with these options would run, and why (the `--runtime auto` decision)."""
+    """Where `merge` with these options would run, and why (the `--runtime auto` decision), for `plan`.
+
+    Args:
+        plan: the merge plan (its cost estimate and shard count).
+        options: the run options (runtime, address, workers, device, threads).
+    Returns:
+        {"runtime", "address", "reason", "estimated_seconds_one_worker"} (seconds rounded to 0.1).
+    """
     from .runtime.choose import choose_runtime, estimate_seconds
 
     choice = choose_runtime(plan, options)
@@ -427,7 +442,16 @@ def runtime_summary(plan: Any, options: RunOptions) -> dict[str, Any]:
 def resolved_parameters(config: MergeConfig, weights: tuple[float, ...]) -> dict[str, Any]:
     """Every value the merge uses, defaults included: the method's parameters, λ, and each
     model's weight and own parameters. A per-tensor setting is shown as written (a gradient,
-    conditionals): its value differs by tensor."""
+    conditionals): its value differs by tensor.
+
+    Args:
+        config: the merge config.
+        weights: each model's weight as the method resolved it (`plan.run.weights`), in model order.
+    Returns:
+        {"parameters": the method's values and "lambda", "models": one {"weight", per-model params} per model}.
+    Raises:
+        ConfigError: an unknown method or an invalid parameter (normally caught by the plan first).
+    """
     from .methods import get_method
 
     method = get_method(config.merge_method, config.method_params(), config.model_method_params())

@@ -219,7 +219,14 @@ def spectral_flops(work: TensorWork) -> tuple[float, float]:
 def measured_cpu_rates(threads: int = 1, size: int = 512) -> Rates:
     """One CPU worker's rates on this machine, from a probe of a few milliseconds (float64
     GEMM and eigvalsh at `size` with `threads` torch threads, as a worker runs); disk rates
-    are assumed, not probed."""
+    are assumed, not probed. Cached per (threads, size) for the process.
+
+    Args:
+        threads: torch threads per worker during the probe.
+        size: the probe matrices' side, (size, size) float64.
+    Returns:
+        The Rates: measured GEMM and eigenvalue FLOP/s, assumed read and write bytes/s, setup seconds.
+    """
     import torch
 
     a = torch.randn(size, size, dtype=torch.float64)

@@ -39,7 +39,15 @@ _OS_FAULTS: dict[int, tuple[str, str]] = {
 
 
 def os_fault(exc: OSError, action: str, fallback_path: str | Path | None = None) -> tuple[str, str]:
-    """(`path: cannot <action> (<what>)`, the fix) for an OSError, naming the path it hit."""
+    """(`path: cannot <action> (<what>)`, the fix) for an OSError, naming the path it hit.
+
+    Args:
+        exc: the OSError met.
+        action: what was being done, in words ("write", "read an input of shard X").
+        fallback_path: the path to name when the OSError names none; None: name no path.
+    Returns:
+        (the message, the fix), both one line.
+    """
     path = exc.filename if exc.filename is not None else fallback_path
     what, fix = _OS_FAULTS.get(exc.errno or -1, (exc.strerror or type(exc).__name__, "check the path and rerun"))
     where = f"{path}: " if path is not None else ""
@@ -47,7 +55,15 @@ def os_fault(exc: OSError, action: str, fallback_path: str | Path | None = None)
 
 
 def output_os_error(exc: OSError, action: str, fallback_path: str | Path | None = None) -> OutputError:
-    """An OSError met writing the output, as one line with the fix."""
+    """An OSError met writing the output, as one line with the fix.
+
+    Args:
+        exc: the OSError met.
+        action: what was being done, in words ("claim the output folder").
+        fallback_path: the path to name when the OSError names none; None: name no path.
+    Returns:
+        The OutputError, for the caller to raise.
+    """
     message, fix = os_fault(exc, action, fallback_path)
     return OutputError(f"{message}; {fix}")
 
@@ -79,14 +95,30 @@ def converts_os_errors(action: str) -> Callable[[F], F]:
 
 
 def input_os_error(exc: OSError, action: str = "read", fallback_path: str | Path | None = None) -> InputError:
-    """An OSError met reading an input, as one line."""
+    """An OSError met reading an input, as one line with the fix.
+
+    Args:
+        exc: the OSError met.
+        action: what was being done, in words (default "read").
+        fallback_path: the path to name when the OSError names none; None: name no path.
+    Returns:
+        The InputError, for the caller to raise.
+    """
     message, fix = os_fault(exc, action, fallback_path)
     return InputError(f"{message}; {fix}")
 
 
 def shard_os_error(exc: OSError, shard: str, out_dir: str | Path) -> StarDistError:
     """An OSError inside a shard's work: an output fault when it hit the output folder (or
-    hit no named path: a write or fsync on an open file), else an input fault."""
+    hit no named path: a write or fsync on an open file), else an input fault.
+
+    Args:
+        exc: the OSError met.
+        shard: the shard's file name.
+        out_dir: the output folder.
+    Returns:
+        An OutputError or an InputError, for the caller to raise.
+    """
     path = exc.filename
     if path is None or _inside(Path(str(path)), Path(out_dir)):
         message, fix = os_fault(exc, f"write shard {shard}", Path(out_dir) / shard)
@@ -106,6 +138,14 @@ def require_regular_file(path: str | Path, what: str = "file") -> os.stat_result
 
     Checked before any open(): a FIFO would block the reader forever, and a folder or a
     device where a checkpoint file should be is a mistake to name, not to read.
+
+    Args:
+        path: the file to check.
+        what: what the file is, for the message ("adapter config", default "file").
+    Returns:
+        Its os.stat result.
+    Raises:
+        InputError: the path is missing, unreadable, or not a regular file.
     """
     try:
         st = os.stat(path)

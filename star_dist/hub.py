@@ -99,7 +99,16 @@ def download_snapshot(source: str, weights: bool = True) -> Path:
 
 
 def hub_files(repo_id: str, snapshot: Path, files: set[str]) -> list[HubFile]:
-    """The HubFile of each of `files` (driver paths inside `snapshot`, a pinned snapshot)."""
+    """The HubFile of each of `files` (driver paths inside `snapshot`, a pinned snapshot), so a
+    worker on another node can fetch the same bytes into its own cache.
+
+    Args:
+        repo_id: the hub repo, `org/name` (no revision).
+        snapshot: the driver's snapshot folder, named by its commit.
+        files: driver paths of the files the plan reads, inside `snapshot`.
+    Returns:
+        One HubFile per file (repo, commit, path in the repo, size in bytes), sorted by driver path.
+    """
     out = []
     for path in sorted(files):
         filename = Path(os.path.relpath(path, snapshot)).as_posix()

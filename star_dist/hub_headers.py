@@ -77,7 +77,17 @@ def planning_folder(repo_id: str, snapshot: Path) -> Path:
 
 
 def list_weight_files(repo_id: str, commit: str) -> list[RemoteFile]:
-    """The repo's root `*.safetensors` files with size and sha256 (one tree listing)."""
+    """The repo's root `*.safetensors` files with size and sha256 (one tree listing), to plan
+    from headers without downloading weights.
+
+    Args:
+        repo_id: `org/name`.
+        commit: the pinned commit.
+    Returns:
+        One RemoteFile per root safetensors file (name, size in bytes, LFS sha256 or "").
+    Raises:
+        InputError: the listing failed (network, auth, no such repo or commit).
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
@@ -109,7 +119,14 @@ def remote_header(repo_id: str, commit: str, filename: str) -> bytes:
 
 
 def write_stub(path: Path, header: bytes, size: int) -> None:
-    """A sparse file of `size` bytes: the header, then a hole (no disk used for the data)."""
+    """A sparse file of `size` bytes: the header, then a hole (no disk used for the data), so
+    planning reads the real header and sizes without the download.
+
+    Args:
+        path: where the stub goes; a link or file already there is replaced.
+        header: the file's header bytes, its 8-byte length prefix included.
+        size: the real file's size in bytes (at least len(header) is written).
+    """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a link from an earlier folder state

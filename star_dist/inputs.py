@@ -75,7 +75,17 @@ def absolute_source(source: str) -> str:
 
 
 def open_input(source: str, base: Checkpoint) -> FullInput | LoraAdapter:
-    """Open a fine-tuned input: a PEFT adapter folder if it has adapter_config.json."""
+    """Open a fine-tuned input from its headers: a PEFT adapter folder if it has adapter_config.json
+    (and no model weights), else a full checkpoint.
+
+    Args:
+        source: what the config says: a folder or a hub id (hub weights are not downloaded).
+        base: the opened base checkpoint, which an adapter's modules must fit.
+    Returns:
+        A LoraAdapter, or a FullInput wrapping the checkpoint.
+    Raises:
+        InputError: a missing or corrupt input, an adapter that does not fit the base, or a failed hub fetch.
+    """
     folder = resolve_model_folder(absolute_source(source), weights=False)
     if is_adapter_folder(folder):
         return LoraAdapter.open(source, folder, base)

@@ -108,7 +108,15 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule: a pattern applies when it matches the end of the module name at a dot."""
+    """PEFT's rule: a pattern applies when it matches the end of the module name at a dot.
+
+    Args:
+        patterns: adapter_config.json's rank_pattern or alpha_pattern (regex -> value).
+        module: the module's full name, e.g. "model.layers.0.self_attn.q_proj".
+        default: the value when no pattern matches (the config's `r` or `lora_alpha`).
+    Returns:
+        The first matching pattern's value, else `default`.
+    """
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
@@ -116,7 +124,16 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def lora_scale(config: dict[str, Any], module: str, rank: int) -> float:
-    """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA, with per-module alpha overrides."""
+    """The factor PEFT applies to B·A: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, with
+    per-module alpha overrides.
+
+    Args:
+        config: the adapter's adapter_config.json, checked (lora_alpha a number).
+        module: the module's full name, matched against alpha_pattern.
+        rank: the module's rank r (lora_A's rows).
+    Returns:
+        The scale s, so the module's update is s·B·A.
+    """
     alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
@@ -183,6 +200,13 @@ def merged_adapter_config(template: dict[str, Any], ranks: dict[str, int], base_
     and B @ A is the merged update itself. The most common rank is the default `r`; the
     others go in rank_pattern/alpha_pattern under their escaped full module names (PEFT
     reads pattern keys as regular expressions).
+
+    Args:
+        template: the first input adapter's config (task_type, peft_version, revision, fan_in_fan_out kept).
+        ranks: each merged module's full name (no `.weight`) -> its rank in the output.
+        base_model: the base as the merge config names it (`base_model_name_or_path`).
+    Returns:
+        The adapter config, as JSON-serializable data.
     """
     counts: dict[int, int] = {}
     for r in ranks.values():

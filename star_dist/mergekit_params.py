@@ -47,7 +47,14 @@ def count_layers(names: Iterable[str]) -> int:
 
 
 def layer_position(name: str, n_layers: int) -> float:
-    """mergekit's t for a tensor: i / (L − 1) inside layer i, 1 for a one-layer model, 0 elsewhere."""
+    """mergekit's t for a tensor: i / (L − 1) inside layer i, 1 for a one-layer model, 0 elsewhere.
+
+    Args:
+        name: the tensor's name, e.g. "model.layers.3.mlp.up_proj.weight".
+        n_layers: the model's layer count L (`count_layers`).
+    Returns:
+        t in [0, 1], where a gradient is read.
+    """
     index = layer_index(name)
     if index is None:
         return 0.0
@@ -55,7 +62,15 @@ def layer_position(name: str, n_layers: int) -> float:
 
 
 def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
-    """The value of one setting for one tensor, None when no conditional applies."""
+    """The value of one setting for one tensor, as mergekit reads it, None when no conditional applies.
+
+    Args:
+        setting: a plain value, a gradient (list of numbers) or a list of conditionals.
+        tensor_name: the tensor's name, matched against each conditional's `filter` substring.
+        t: the tensor's layer position in [0, 1] (`layer_position`).
+    Returns:
+        The value (a gradient interpolated linearly at t), or None.
+    """
     if not isinstance(setting, list):
         return setting
     if all(_is_number(v) for v in setting):
@@ -76,7 +91,14 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
 
 
 def setting_problems(setting: Any, path: str) -> list[str]:
-    """Why a setting is not one mergekit accepts (a single conditional must be in a list)."""
+    """Why a setting is not one mergekit accepts (a single conditional must be in a list).
+
+    Args:
+        setting: the value as the config gives it.
+        path: where it sits in the config, for the messages ("models[0].parameters.weight").
+    Returns:
+        One message per problem; empty when the setting is well formed (values are checked elsewhere).
+    """
     if isinstance(setting, Mapping):
         return [f"{path}: a conditional must be in a list, e.g. [{{filter: mlp, value: 0.5}}, {{value: 0}}]"]
     if not isinstance(setting, list):
@@ -133,13 +155,33 @@ def _method(name: str, method_params: tuple[tuple[str, Any], ...],
 
 
 def method_for(name: str, params: TensorParams) -> Any:
-    """The method instance for one tensor's values (cached: gradients repeat across tensors)."""
+    """The method instance for one tensor's values (cached: gradients repeat across tensors).
+
+    Args:
+        name: the merge method's name.
+        params: the tensor's resolved values (`resolve_tensor_params`).
+    Returns:
+        The MergeMethod built with the tensor's method and per-model parameters.
+    Raises:
+        ConfigError: a value the method refuses (e.g. a density outside (0, 1] at this tensor).
+    """
     return _method(name, params.method_params, params.model_params)
 
 
 def resolve_tensor_params(config: Any, method_name: str, tensor_name: str, n_layers: int) -> TensorParams:
     """One tensor's values from a `MergeConfig` with per-tensor settings, weights resolved by
-    the method (its defaults and normalization) exactly as the shard-wide weights are."""
+    the method (its defaults and normalization) exactly as the shard-wide weights are.
+
+    Args:
+        config: the MergeConfig (its `tensor_values` reads the settings).
+        method_name: the merge method's name.
+        tensor_name: the tensor's name, for filters and its layer index.
+        n_layers: the base model's layer count, for the gradients' t.
+    Returns:
+        The TensorParams the engine uses for this tensor instead of the shard's defaults.
+    Raises:
+        ConfigError: a value the method refuses at this tensor, the tensor named.
+    """
     glob, own, weights, lambda_ = config.tensor_values(tensor_name, layer_position(tensor_name, n_layers))
     params = TensorParams(
         method_params=tuple(sorted(glob.items())),

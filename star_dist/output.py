@@ -56,7 +56,14 @@ def package_version() -> str:
 @converts_os_errors("write")
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `path` so that it either has its old content or all of the new one; a failed
-    write (a full disk) leaves no `.tmp` behind."""
+    write (a full disk) leaves no `.tmp` behind.
+
+    Args:
+        path: the file to write; its parent folders are created.
+        data: the whole new content.
+    Raises:
+        OutputError: an OSError while writing (no space, read-only, no permission...).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -73,7 +80,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def copy_atomic(src: Path, dest: Path) -> None:
-    """Copy a file so that `dest` is never a partial copy (tmp + fsync + rename)."""
+    """Copy a file so that `dest` is never a partial copy (tmp + fsync + rename).
+
+    Args:
+        src: the file to copy (read whole into memory: meant for config and tokenizer files).
+        dest: where the copy goes; replaced if it exists.
+    Raises:
+        InputError: `src` cannot be read.
+        OutputError: `dest` cannot be written.
+    """
     try:
         data = src.read_bytes()  # config and tokenizer files: megabytes at most
     except OSError as exc:
@@ -82,12 +97,27 @@ def copy_atomic(src: Path, dest: Path) -> None:
 
 
 def manifest_path(out_dir: Path, shard_file: str) -> Path:
+    """Where a shard's manifest lives: its presence marks the shard finished, which is what resume reads.
+
+    Args:
+        out_dir: the output folder.
+        shard_file: the shard's file name (e.g. "model-00001-of-00004.safetensors").
+    Returns:
+        out_dir/.star_dist/shards/<shard_file>.json.
+    """
     return out_dir / STATE_DIR / "shards" / f"{shard_file}.json"
 
 
 def check_output_apart(out_dir: Path, input_folders: list[Path]) -> None:
     """The output folder may not be, hold, or lie inside an input folder: `--overwrite`
-    empties it, and shards written among an input's files would corrupt that input."""
+    empties it, and shards written among an input's files would corrupt that input.
+
+    Args:
+        out_dir: the output folder (compared after resolving symlinks).
+        input_folders: the base's folder and every model's or adapter's folder.
+    Raises:
+        OutputError: the output folder is, holds, or lies inside one of them.
+    """
     out = out_dir.resolve()
     for folder in input_folders:
         inp = folder.resolve()
@@ -110,6 +140,15 @@ def claim_output_dir(out_dir: Path, identity: dict[str, Any], overwrite: bool) -
     them: they come back if this run fails on bad data (`release_output_dir`) and are
     deleted only once the new merge is complete (`drop_replaced`). Called only after the plan
     validated and under the folder's lock, so bad input never touches the folder.
+
+    Args:
+        out_dir: the output folder (created if missing).
+        identity: the plan's identity (`plan_identity`), written to .star_dist/plan.json.
+        overwrite: whether a folder holding anything else may have its contents set aside.
+    Returns:
+        True when resuming an earlier run of the same plan, False for a fresh start.
+    Raises:
+        OutputError: a non-empty folder of something else without `overwrite`, or an OSError writing it.
     """
     entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_FILE) if out_dir.exists() else []
     state = out_dir / STATE_DIR / "plan.json"
@@ -154,7 +193,15 @@ def _not_empty_message(out_dir: Path, entries: list[str], earlier: dict[str, Any
 
 
 def identity_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> list[str]:
-    """What differs between two plan identities, in words (at most `limit` input files named)."""
+    """What differs between two plan identities, in words, for refusing a resume into a changed merge.
+
+    Args:
+        old: the identity recorded in the folder's .star_dist/plan.json.
+        new: this run's identity (`plan_identity`).
+        limit: the most input files named one by one; the rest are counted.
+    Returns:
+        One phrase per change (version, config, settings, shard layout, LoRA scales, input files); empty if none.
+    """
     changes = []
     if old.get("star_dist") != new.get("star_dist"):
         changes.append(f"star_dist version {old.get('star_dist')} -> {new.get('star_dist')}")
@@ -201,7 +248,12 @@ def release_output_dir(out_dir: Path, remove_folder: bool) -> None:
     """Undo a fresh run's writes: empty the folder this run claimed, put back what an
     --overwrite set aside, and remove the folder if this run created it. Best effort: it
     runs while another error is on its way to the user (which must not be masked), and on a
-    folder that may have just turned read-only or full."""
+    folder that may have just turned read-only or full.
+
+    Args:
+        out_dir: the output folder this run claimed.
+        remove_folder: whether this run created the folder, so the whole folder goes.
+    """
     if remove_folder:
         shutil.rmtree(out_dir, ignore_errors=True)
         return
@@ -223,14 +275,33 @@ def drop_replaced(out_dir: Path) -> None:
 
 
 def write_index(out_dir: Path, manifests: list[dict[str, Any]], total_size: int) -> None:
-    """The sharded index, written last: its presence means every shard is complete."""
+    """The sharded index, written last: its presence means every shard is complete.
+
+    Args:
+        out_dir: the output folder.
+        manifests: every shard's manifest ("file" and its "tensors"), in file order.
+        total_size: the bytes of every tensor's data, all shards together (headers not counted).
+    Raises:
+        OutputError: the index cannot be written.
+    """
     weight_map = {name: m["file"] for m in manifests for name in m["tensors"]}
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     write_atomic(out_dir / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
 
 
 def copy_base_files(base_folder: Path, out_dir: Path, out_dtype: str | None) -> list[str]:
-    """Copy config, tokenizer and generation files; record a changed dtype in config.json."""
+    """Copy config, tokenizer and generation files; record a changed dtype in config.json.
+
+    Args:
+        base_folder: the base model's folder.
+        out_dir: the output folder.
+        out_dtype: the output's safetensors dtype code ("F32", "F16", "BF16", "F64"); None: the base's, unchanged.
+    Returns:
+        The names of the files copied, in `COPIED_PATTERNS` order.
+    Raises:
+        InputError: a base file cannot be read.
+        OutputError: a file cannot be written.
+    """
     copied = []
     for pattern in COPIED_PATTERNS:
         for src in sorted(base_folder.glob(pattern)):

@@ -287,7 +287,17 @@ def _group_tensors(config: MergeConfig, jobs: list[TensorJob], max_shard_size: i
 
 def run_spec(config: MergeConfig, method: MergeMethod, out_dir: Path, options: RunOptions,
              fingerprint: str) -> RunSpec:
-    """The run-wide part of every shard's work: method, resolved weights, numerics, output."""
+    """The run-wide part of every shard's work: method, resolved weights, numerics, output.
+
+    Args:
+        config: the validated merge config.
+        method: the method built from it (it fills in the default weights).
+        out_dir: the absolute output folder.
+        options: the run options (threads_per_worker, device).
+        fingerprint: the plan's fingerprint (`plan_identity`), recorded in every manifest.
+    Returns:
+        The RunSpec handed to workers beside each shard job.
+    """
     return RunSpec(
         method=config.merge_method,
         method_params=tuple(sorted(config.method_params().items())),
@@ -363,7 +373,16 @@ def _shard_name(output_format: str, index: int, count: int) -> str:
 
 def check_adapter_output(config: MergeConfig, method: MergeMethod, inputs: list[FullInput | LoraAdapter]) -> None:
     """An adapter output holds only low-rank updates: every input must be a pure LoRA
-    adapter, and the method must keep low-rank updates low-rank (not TIES)."""
+    adapter, and the method must keep low-rank updates low-rank (not TIES).
+
+    Args:
+        config: the merge config, with output_format "adapter".
+        method: the merge method (a non-streaming one, TIES, cannot produce an adapter).
+        inputs: the opened fine-tunes and adapters, in model order.
+    Raises:
+        ConfigError: a method that cannot produce an adapter.
+        InputError: a full checkpoint, an adapter with full tensors, or adapters that disagree on fan_in_fan_out.
+    """
     if not method.streaming:
         raise ConfigError(
             f"output_format adapter: {config.merge_method} cannot produce an adapter (its element-wise "
@@ -487,7 +506,19 @@ def plan_identity(
     absolute path, a hub file by repo, commit and file name (with its size and blob hash), so
     the same merge started from another directory, or on a node with another cache, resumes.
     The device is not here: each shard's manifest records the one it ran on, and a resume
-    redoes shards computed on another device (`--device auto` is a request, not an identity)."""
+    redoes shards computed on another device (`--device auto` is a request, not an identity).
+
+    Args:
+        config: the validated merge config.
+        options: the run options (only threads_per_worker changes the bytes).
+        base: the base checkpoint.
+        inputs: the opened fine-tunes and adapters, in model order.
+        groups: the tensor jobs, grouped into output shards.
+        hub: driver path -> HubFile for inputs read from the hub; None: every file is local.
+    Returns:
+        {"star_dist", "config", "settings", "files", "shards", "lora", "format", "fingerprint"}; the
+        fingerprint is the SHA-256 hex digest of the other parts.
+    """
     hub = hub or {}
     files: dict[str, Any] = {}
     for entry in [*base.tensors.values(), *(e for inp in inputs for e in inp.entries())]:

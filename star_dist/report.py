@@ -17,7 +17,15 @@ STAR_PAPER = "https://aclanthology.org/2025.naacl-short.42/"
 
 
 def merge_report(plan: MergePlan, manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per tensor: method, seconds, and for STAR each model's kept rank and nuclear norms."""
+    """merge_report.json's content: per tensor, its shard, method, seconds, and for STAR each
+    model's kept rank and nuclear norms; with the run's method, parameters, weights and inputs.
+
+    Args:
+        plan: the plan that was run.
+        manifests: every shard's manifest (their "tensors" and per-tensor "report").
+    Returns:
+        The report, as JSON-serializable data.
+    """
     config = plan.config
     tensors: dict[str, Any] = {}
     for manifest in sorted(manifests, key=lambda m: m["file"]):
@@ -36,6 +44,14 @@ def merge_report(plan: MergePlan, manifests: list[dict[str, Any]]) -> dict[str, 
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    """Write the report as out_dir/merge_report.json, atomically.
+
+    Args:
+        out_dir: the output folder.
+        report: the report (`merge_report`).
+    Raises:
+        OutputError: the file cannot be written.
+    """
     write_atomic(out_dir / "merge_report.json", (json.dumps(report, indent=1) + "\n").encode())
 
 
@@ -58,7 +74,14 @@ def card_front_matter(config: Any) -> str:
 
 
 def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
-    """A README.md: front matter for the hub, then method, parameters, inputs, exact config."""
+    """A README.md: front matter for the hub, then method, parameters, inputs, exact config.
+
+    Args:
+        plan: the plan that was run (config, output folder).
+        report: the merge report (`merge_report`), for the weights, version and STAR's kept ranks.
+    Returns:
+        The model card, as Markdown text.
+    """
     config = plan.config
     method = get_method(config.merge_method, config.method_params())
     front = ["---", *card_front_matter(config).splitlines(), "---"]

@@ -68,7 +68,15 @@ def layer_of(name: str) -> int:
 
 
 def per_layer(report: dict[str, Any], key: str) -> dict[int, list[list[float]]]:
-    """For each layer, each model's values of `key` (kept_rank, a norm) over the layer's tensors."""
+    """For each layer, each model's values of `key` (kept_rank, a norm) over the layer's tensors.
+
+    Args:
+        report: the parsed merge_report.json (its "models" and "tensors").
+        key: the per-model list to collect from each tensor's entry ("kept_rank", "nuclear_norm_before"...).
+    Returns:
+        Layer index (NON_LAYER for tensors outside the layers) -> one list of floats per model,
+        sorted by layer; tensors without a full per-model list and None values are skipped.
+    """
     n_models = len(report.get("models") or [])
     out: dict[int, list[list[float]]] = defaultdict(lambda: [[] for _ in range(n_models)])
     for name, entry in report["tensors"].items():
@@ -153,7 +161,14 @@ def _save(fig: Any, page_dir: Path, name: str) -> str:
 
 
 def page_html(report: dict[str, Any], plots: list[str]) -> str:
-    """The page: what was merged, the plots, and a per-tensor table."""
+    """The page: what was merged, the plots, and a per-tensor table; every value HTML-escaped.
+
+    Args:
+        report: the parsed merge_report.json.
+        plots: the PNG file names to show, relative to the page's folder (empty: no plots).
+    Returns:
+        The HTML document, as text.
+    """
     esc = html.escape
     models = "".join(f"<li>{i + 1}: <code>{esc(str(m))}</code></li>" for i, m in enumerate(report.get("models") or []))
     rows = "".join(

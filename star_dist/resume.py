@@ -49,12 +49,27 @@ def finished_shards(plan: MergePlan) -> dict[str, Manifest]:
 
 
 def on_other_device(done: dict[str, Manifest], device: str) -> list[str]:
-    """The finished shards computed on another device than `device` (to be redone)."""
+    """The finished shards computed on another device than `device` (to be redone): a resume
+    never mixes CPU and GPU bytes in one output.
+
+    Args:
+        done: file name -> manifest of the shards an earlier run finished.
+        device: this run's device type, "cpu" or "cuda".
+    Returns:
+        The file names to redo, sorted; a manifest that records no device counts as this one.
+    """
     return sorted(name for name, m in done.items() if m.get("device", device) != device)
 
 
 def hash_differs(path: str, sha256: str) -> bool:
-    """Whether the file's sha256 differs from the manifest's (or the file cannot be read)."""
+    """Whether the file's sha256 differs from the manifest's (or the file cannot be read), for --verify-resume.
+
+    Args:
+        path: the shard file.
+        sha256: the hex digest its manifest records.
+    Returns:
+        True when the shard must be redone.
+    """
     from .safetensors_format import sha256_file
 
     try:

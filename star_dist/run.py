@@ -157,7 +157,14 @@ def _shards_written(plan: MergePlan, done: dict[str, Manifest]) -> bool:
 
 
 def bytes_read_per_worker(plan: MergePlan, manifests: list[Manifest]) -> dict[str, int]:
-    """Input bytes each worker read this run ("worker 0", or "local" in-process)."""
+    """Input bytes each worker read this run ("worker 0", or "local" in-process), for the result.
+
+    Args:
+        plan: the plan, whose shard jobs say how many bytes each shard reads.
+        manifests: the manifests of the shards this run wrote (not those resumed).
+    Returns:
+        Worker label -> bytes read, sorted by label; empty when this run wrote no shard.
+    """
     jobs = {job.file_name: job for job in plan.shards}
     out: dict[str, int] = {}
     for m in manifests:
@@ -170,7 +177,17 @@ def bytes_read_per_worker(plan: MergePlan, manifests: list[Manifest]) -> dict[st
 @contextlib.contextmanager
 def open_runtime(plan: MergePlan, options: RunOptions, n_jobs: int) -> Iterator[Runtime]:
     """The chosen runtime (`options.runtime`: "local" or "ray"), with its cluster (if any) up
-    for the duration. Ray workers first check that their node sees the plan's storage."""
+    for the duration. Ray workers first check that their node sees the plan's storage.
+
+    Args:
+        plan: the plan; its input files and output folder are what Ray workers check they see.
+        options: run options with `runtime` already chosen ("local" or "ray", not "auto").
+        n_jobs: how many shards are left to merge; Ray starts no more workers than that.
+    Returns:
+        A context manager yielding the Runtime; leaving it removes the actors and ends the Ray session.
+    Raises:
+        ClusterError: the Ray cluster cannot be joined or started, or cannot hold the workers asked for.
+    """
     if options.runtime == "local":
         from .runtime.local import local_runtime
 
@@ -187,7 +204,14 @@ def open_runtime(plan: MergePlan, options: RunOptions, n_jobs: int) -> Iterator[
 def check_shards_visible(out_dir: Path, manifests: list[Manifest]) -> None:
     """Before the index: the driver sees every shard with the size its worker wrote. A worker
     writing to another disk mounted at the same path would otherwise leave an index of
-    shards that are not there."""
+    shards that are not there.
+
+    Args:
+        out_dir: the output folder, as the driver sees it.
+        manifests: every shard's manifest ("file" and its "size" in bytes).
+    Raises:
+        OutputError: a shard missing here, or with another size than its manifest says.
+    """
     for m in sorted(manifests, key=lambda m: m["file"]):
         path = out_dir / m["file"]
         try:
@@ -216,7 +240,17 @@ def verify_output(out_dir: Path) -> str:
 @converts_os_errors("finish the output")
 def finalize(plan: MergePlan, manifests: list[Manifest]) -> dict[str, Any]:
     """Copied files, model card and report first; the index last, only after every shard,
-    each checked to be there with the size its manifest says."""
+    each checked to be there with the size its manifest says.
+
+    Args:
+        plan: the plan that was run.
+        manifests: every shard's manifest, resumed and new.
+    Returns:
+        The merge report, as written to merge_report.json.
+    Raises:
+        OutputError: a shard not visible to the driver, or a file that cannot be written.
+        InputError: a base file that cannot be read.
+    """
     out = plan.out_dir
     check_shards_visible(out, manifests)
     report = merge_report(plan, manifests)

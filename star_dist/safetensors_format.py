@@ -365,8 +365,13 @@ def build_header(
 ) -> tuple[bytes, list[int]]:
     """Header bytes (length prefix included) for tensors written in the given order.
 
-    Returns the bytes and each tensor's byte size. Padded with spaces to a multiple of 8,
-    as the safetensors library does, so data stays aligned.
+    Padded with spaces to a multiple of 8, as the safetensors library does, so data stays aligned.
+
+    Args:
+        tensors: (name, safetensors dtype code such as "BF16", shape) per tensor, in file order.
+        metadata: the `__metadata__` strings; None: {"format": "pt"}, as transformers expects.
+    Returns:
+        (the header bytes, each tensor's data size in bytes, in the given order).
     """
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset, sizes = 0, []
@@ -505,6 +510,14 @@ class StreamingShardWriter:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """The file's SHA-256, read in chunks so a shard of many GB never sits in memory.
+
+    Args:
+        path: the file to hash.
+        chunk: bytes read at a time (default 16 MiB).
+    Returns:
+        The hex digest.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

@@ -91,6 +91,12 @@ def read_ahead(
 
     The one place where "the next tensor" is known: a prefetch step may only hint the kernel
     (today), or later stage the next tensor on a device while the current one computes.
+
+    Args:
+        jobs: the shard's tensor jobs, in write order.
+        prefetch: called with the next job before the current one is yielded; None: no read-ahead.
+    Returns:
+        An iterator over `jobs`, in order (a generator: each prefetch runs when the previous job is taken).
     """
     for i, tensor_job in enumerate(jobs):
         if prefetch is not None and i + 1 < len(jobs):

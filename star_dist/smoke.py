@@ -130,7 +130,15 @@ def _placement(device_map: dict[str, Any] | None) -> str:
 
 def greedy_continue(model: Any, prompts: Any, new_tokens: int) -> Any:
     """Append the model's most likely next token `new_tokens` times (no sampling, no cache:
-    a handful of short sequences, so recomputing is cheap and free of cache quirks)."""
+    a handful of short sequences, so recomputing is cheap and free of cache quirks).
+
+    Args:
+        model: a loaded causal language model (transformers, possibly dispatched by accelerate).
+        prompts: token ids, (B, P) int64.
+        new_tokens: how many tokens to append.
+    Returns:
+        The prompts and their continuations, (B, P + new_tokens) int64, on the CPU.
+    """
     import torch
 
     ids = prompts.to(_input_device(model))  # (B, P)
@@ -142,7 +150,15 @@ def greedy_continue(model: Any, prompts: Any, new_tokens: int) -> Any:
 
 
 def continuation_loss(model: Any, ids: Any, prompt_tokens: int) -> float:
-    """Mean cross-entropy (nats) of the tokens after the prompt, each predicted from its past."""
+    """Mean cross-entropy (nats) of the tokens after the prompt, each predicted from its past.
+
+    Args:
+        model: a loaded causal language model (transformers, possibly dispatched by accelerate).
+        ids: token ids, (B, T) int64: prompts followed by their continuations.
+        prompt_tokens: P, the prompt length; the T − P tokens after it are scored (P ≥ 1).
+    Returns:
+        The mean loss in nats per token, as a float.
+    """
     import torch
 
     ids = ids.to(_input_device(model))  # (B, T)

@@ -31,6 +31,14 @@ class TinyShape:
 
 
 def llama_config(shape: TinyShape, dtype: str) -> dict:
+    """config.json for a LlamaForCausalLM of `shape`, so transformers builds and loads the tiny checkpoint.
+
+    Args:
+        shape: the model's sizes (hidden, intermediate, layers, heads, vocab, tied embeddings).
+        dtype: the `torch_dtype` to record: "float32", "bfloat16" or "float16".
+    Returns:
+        The config, as JSON-serializable data.
+    """
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -75,6 +83,14 @@ def llama_shapes(shape: TinyShape) -> dict[str, tuple[int, ...]]:
 
 
 def make_base(shape: TinyShape, seed: int) -> dict[str, torch.Tensor]:
+    """A random base model: matrices with entries N(0, 1/n) for n columns, norm vectors near 1.
+
+    Args:
+        shape: the model's sizes.
+        seed: the generator seed; the same seed gives the same tensors.
+    Returns:
+        Tensor name -> float32 tensor, every tensor of a LlamaForCausalLM of `shape`.
+    """
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, dims in llama_shapes(shape).items():
@@ -99,6 +115,15 @@ def make_finetune(
     spectrum is flat past the rank. "power_law": τ with σ_i ∝ i^-α (POWER_LAW_ALPHA) and random
     singular vectors, the shape real fine-tunes' task vectors have; for STAR benchmarks. Both
     have ‖τ‖_F ≈ scale·√m.
+
+    Args:
+        base: the base's tensors (`make_base`), name -> float32 tensor.
+        seed: the generator seed.
+        rank: the low-rank update's rank ("lowrank" only).
+        scale: the update's size relative to the weights (‖τ‖_F ≈ scale·√m for an (m, n) matrix).
+        spectrum: "lowrank" or "power_law"; any other value reads as "lowrank".
+    Returns:
+        Tensor name -> float32 tensor, the same names and shapes as `base`.
     """
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -116,7 +141,16 @@ def make_finetune(
 
 
 def power_law_update(m: int, n: int, g: torch.Generator, alpha: float = POWER_LAW_ALPHA) -> torch.Tensor:
-    """(m, n) float32 Q_1 diag(σ) Q_2ᵀ with σ_i = c·i^-α, Q random orthonormal, ‖·‖_F = √m."""
+    """(m, n) float32 Q_1 diag(σ) Q_2ᵀ with σ_i = c·i^-α, Q random orthonormal, ‖·‖_F = √m.
+
+    Args:
+        m: rows.
+        n: columns.
+        g: the torch.Generator the random directions come from (advanced by this call).
+        alpha: the power-law exponent α (default POWER_LAW_ALPHA, fitted on real fine-tunes).
+    Returns:
+        The (m, n) float32 update, of rank min(m, n).
+    """
     k = min(m, n)
     left, _ = torch.linalg.qr(torch.randn(m, k, generator=g))  # (m, k)
     right, _ = torch.linalg.qr(torch.randn(n, k, generator=g))  # (n, k)
@@ -126,7 +160,15 @@ def power_law_update(m: int, n: int, g: torch.Generator, alpha: float = POWER_LA
 
 
 def save_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict, dtype: str, shards: int = 1) -> None:
-    """Write a Hugging Face folder: config.json, generation_config.json, safetensors (+ index)."""
+    """Write a Hugging Face folder: config.json, generation_config.json, safetensors (+ index).
+
+    Args:
+        folder: the model folder (created if missing).
+        tensors: tensor name -> tensor, cast to `dtype` on write.
+        config: the config.json content (`llama_config`).
+        dtype: "float32", "bfloat16" or "float16".
+        shards: how many safetensors files (names spread round-robin in sorted order); ≤ 1: one model.safetensors.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     cast = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -158,9 +200,22 @@ def make_tiny_merge(
     lora: int = 0,
     spectrum: str = "lowrank",
 ) -> Path:
-    """Write base/, ft0/…ft{N-1}/ and merge.yaml (STAR, η = 40) under `folder`; with
+    """Write base/, ft0/…ft{N-1}/ and merge.yaml (`method`; STAR with η = 40) under `folder`; with
     `lora` > 0 also lora0/… PEFT adapters and merge_lora.yaml, so adapter examples run offline.
-    `spectrum`: the fine-tunes' task vectors, as `make_finetune` takes it."""
+
+    Args:
+        folder: where everything goes (created if missing).
+        n_models: how many full fine-tunes.
+        dtype: the checkpoints' dtype: "float32", "bfloat16" or "float16".
+        seed: the base's seed; each fine-tune and adapter derives its own from it.
+        shape: the model's sizes; None: TinyShape() (hidden 64, 2 layers).
+        shards: safetensors files per model.
+        method: the merge_method written in the YAML files (η = 40 only for "star").
+        lora: how many LoRA adapters to write as well; 0: none, and no merge_lora.yaml.
+        spectrum: the fine-tunes' task vectors, as `make_finetune` takes it.
+    Returns:
+        The path of merge.yaml (its model paths are relative to `folder`).
+    """
     shape = shape or TinyShape()
     base = make_base(shape, seed)
     config = llama_config(shape, dtype)
@@ -193,7 +248,15 @@ LORA_TARGETS = ("q_proj", "v_proj")
 def save_adapter(folder: Path, base: dict[str, torch.Tensor], dtype: str, seed: int, rank: int = 4) -> None:
     """A PEFT LoRA adapter as `save_pretrained` lays it out: adapter_config.json and
     adapter_model.safetensors with `base_model.model.<module>.lora_{A,B}.weight` for the
-    attention q/v projections of every layer (B non-zero, so the adapter changes something)."""
+    attention q/v projections of every layer (B non-zero, so the adapter changes something).
+
+    Args:
+        folder: the adapter folder (created if missing).
+        base: the base's tensors (`make_base`); only their names and shapes are read.
+        dtype: the factors' dtype: "float32", "bfloat16" or "float16".
+        seed: the generator seed.
+        rank: the LoRA rank r (lora_alpha is 2r, so the scale is 2).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     tensors = {}

@@ -33,7 +33,16 @@ class IsoCParams:
 
 
 def isotropic(u: torch.Tensor, vh: torch.Tensor, sigma: float, dtype: torch.dtype) -> LowRank:
-    """σ·U Vᵀ as factors (U (m, ρ)·σ, Vᵀ (ρ, n)) in `dtype`."""
+    """σ·U Vᵀ as LowRank factors, so the flattened update is never formed as an (m, n) matrix.
+
+    Args:
+        u: orthonormal left directions, (m, ρ) float64 (the SVD's U, or Iso-CTS's polar factor).
+        vh: orthonormal right directions, (ρ, n) float64.
+        sigma: the one singular value every direction gets (σ̄; 0 gives a zero update).
+        dtype: the dtype of the factors (the compute dtype, float32 or float64).
+    Returns:
+        LowRank(U·σ (m, ρ), Vᵀ (ρ, n)) in `dtype`.
+    """
     return LowRank((u * sigma).to(dtype), vh.to(dtype))
 
 

@@ -9,9 +9,18 @@ from star_dist.errors import ConfigError
 
 
 def as_number(method: str, name: str, value: Any) -> float:
-    """A config value as a finite float; ConfigError naming the method and parameter otherwise.
+    """A config value as a finite float, so a bad value fails at config time, naming its parameter.
 
     Numbers and numeric strings (from CLI flags) are accepted; booleans are not numbers here.
+
+    Args:
+        method: the method's name, for the message.
+        name: the parameter's name, for the message.
+        value: the value as given (a number or a numeric string).
+    Returns:
+        The value as a finite float.
+    Raises:
+        ConfigError: a boolean, a non-numeric value, NaN or ±inf.
     """
     if isinstance(value, bool):
         raise ConfigError(f"{method}: {name} must be a number, got the boolean {value!r}")
@@ -25,7 +34,17 @@ def as_number(method: str, name: str, value: Any) -> float:
 
 
 def as_flag(method: str, name: str, value: Any) -> bool:
-    """A config value as a boolean (YAML true/false); ConfigError otherwise."""
+    """A config value as a boolean (YAML true/false), refusing strings and numbers that only look like one.
+
+    Args:
+        method: the method's name, for the message.
+        name: the parameter's name, for the message.
+        value: the value as given.
+    Returns:
+        The value, a bool.
+    Raises:
+        ConfigError: anything but a bool.
+    """
     if isinstance(value, bool):
         return value
     raise ConfigError(f"{method}: {name} must be true or false, got {value!r}")
@@ -45,7 +64,15 @@ def sums_to_zero(weights: list[float]) -> bool:
 
 
 def zero_sum_error(method: str, weights: list[float], fix: str) -> ConfigError:
-    """The one-line refusal for weights whose sum is ~0 and would be divided by."""
+    """The one-line refusal for weights whose sum is ~0 and would be divided by (see `sums_to_zero`).
+
+    Args:
+        method: the method's name, for the message.
+        weights: the per-model weights, in model order.
+        fix: what the user can do instead, in words.
+    Returns:
+        The ConfigError, for the caller to raise.
+    """
     terms = " + ".join(repr(w) for w in weights)
     return ConfigError(
         f"{method}: the model weights sum to 0 ({weights}) up to rounding ({terms} = {math.fsum(weights):.3g}, "

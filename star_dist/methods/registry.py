@@ -53,6 +53,15 @@ def get_method(
     ConfigError lists the valid method names for an unknown method, the valid parameter names
     for an unknown parameter, and the per-model ones for a parameter a model may not set;
     value checks come from the params dataclass.
+
+    Args:
+        name: the method's name (star, task_arithmetic, ties, average, tsv, iso_c, iso_cts).
+        params: the top-level method parameters (η, density...); None: the method's defaults.
+        model_params: each model's own parameters, in model order (TIES: density); empty: none.
+    Returns:
+        The method, its params validated (with per-model params when some model sets its own).
+    Raises:
+        ConfigError: an unknown method or parameter, a parameter set per model that may not be, a bad value.
     """
     cls = _method_class(name)
     own = {k: v for k, v in (params or {}).items() if k not in ENGINE_KEYS}

@@ -55,7 +55,15 @@ def rounding_floor(s: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def above(s: torch.Tensor, floor: float, limit: int | None = None) -> int:
-    """How many of the leading σ (descending) are above `floor`, at most `limit`."""
+    """How many of the leading σ (descending) are above `floor`, at most `limit`: the directions kept.
+
+    Args:
+        s: singular values, descending, (k,) float64 (any float dtype works).
+        floor: the rounding floor (`rounding_floor`); σ equal to it are dropped.
+        limit: the most directions to keep (Iso-CTS's common slots); None: no cap.
+    Returns:
+        The count, 0 ≤ count ≤ min(k, limit).
+    """
     count = int((s > floor).sum())
     return count if limit is None else min(count, limit)
 

@@ -71,14 +71,28 @@ class TrimRule:
 
 
 def trim_count(numel: int, density: float) -> int:
-    """k, the number of entries kept: max(1, int(density · numel)), mergekit's floor rounding."""
+    """k, the number of entries kept: max(1, int(density · numel)), mergekit's floor rounding.
+
+    Args:
+        numel: the tensor's number of entries.
+        density: the fraction kept, in (0, 1]; 1 keeps everything.
+    Returns:
+        k, 1 ≤ k ≤ numel (numel when density ≥ 1; 0 for an empty tensor).
+    """
     if density >= 1.0 or numel == 0:
         return numel
     return max(1, int(density * numel))
 
 
 def trim_threshold(tau: torch.Tensor, density: float) -> float:
-    """t, the k-th largest |τ| of the whole tensor (0 when everything is kept)."""
+    """t, the k-th largest |τ| of the whole tensor (0 when everything is kept): TIES's trim cut.
+
+    Args:
+        tau: one model's task vector, any shape, float32 or float64.
+        density: the fraction of entries kept, in (0, 1].
+    Returns:
+        t as a float; entries with |τ| ≥ t survive the trim (ties: see `trim_rule`).
+    """
     return _kth_largest(tau.detach().abs().reshape(-1), trim_count(tau.numel(), density))
 
 
@@ -94,6 +108,12 @@ def select_kth_largest(magnitudes: torch.Tensor, k: int) -> tuple[float, int, in
     so one histogram of their top 16 bits finds the bin holding the k-th largest, and only
     that bin's entries (every entry equal to t among them) go to `kthvalue`. Three linear
     passes instead of `kthvalue`'s copy and partition of the whole tensor; the same t exactly.
+
+    Args:
+        magnitudes: |τ| flattened, (numel,) float32 or float64 (other dtypes fall back to `kthvalue`).
+        k: the rank from the top, 1 ≤ k < numel.
+    Returns:
+        (t, how many entries are > t, how many are == t).
     """
     numel = magnitudes.numel()
     if numel <= _RADIX_MIN or magnitudes.dtype not in _RADIX_VIEW:
@@ -111,7 +131,14 @@ def select_kth_largest(magnitudes: torch.Tensor, k: int) -> tuple[float, int, in
 
 
 def trim_rule(tau: torch.Tensor, density: float) -> TrimRule:
-    """The rule that keeps exactly k entries of τ: all above t, then tied ones in flat order."""
+    """The rule that keeps exactly k entries of τ: all above t, then tied ones in flat order.
+
+    Args:
+        tau: one model's task vector, any shape, float32 or float64 (finite).
+        density: the fraction of entries kept, in (0, 1].
+    Returns:
+        The TrimRule (threshold t and the flat index of the last tied entry kept).
+    """
     numel = tau.numel()
     k = trim_count(numel, density)
     if k >= numel:

@@ -28,7 +28,14 @@ class RuntimeChoice:
 
 def estimate_seconds(plan: MergePlan, threads: int) -> float:
     """Single-worker wall time of the plan's work on the CPU, from the plan's cost model
-    (estimate.py: FLOPs at this CPU's measured rates with `threads` threads, plus bytes moved)."""
+    (estimate.py: FLOPs at this CPU's measured rates, plus bytes moved), to weigh Ray's start-up.
+
+    Args:
+        plan: the merge plan, with its cost estimate.
+        threads: torch threads per worker; not read: the plan's estimate already used the run's.
+    Returns:
+        Seconds for one CPU worker to do all the work; 0.0 when the plan has no estimate.
+    """
     if plan.estimate is None:
         return 0.0
     return plan.estimate.cpu.seconds * plan.estimate.workers

@@ -24,7 +24,19 @@ def local_runtime(options: RunOptions) -> Runtime:
 
 
 def run_shards(run: RunSpec, jobs: list[ShardJob], progress: Progress) -> list[Manifest]:
-    """Merge each shard in turn, reporting progress tensor by tensor."""
+    """Merge each shard in turn in this process, reporting progress tensor by tensor.
+
+    Args:
+        run: what every shard shares (method, weights, numerics, output folder).
+        jobs: the shards to merge, in the order given.
+        progress: the progress bar, advanced once per tensor.
+    Returns:
+        The shards' manifests, in the order of `jobs`.
+    Raises:
+        MergeError: a shard whose merge failed (named in the message).
+        OutputError: an OSError on the output folder.
+        InputError: an OSError reading an input.
+    """
     return [_merge_one(run, job, progress) for job in jobs]
 
 

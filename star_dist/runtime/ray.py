@@ -43,7 +43,17 @@ WAITING_NOTICE_S = 15.0  # say that workers are pending after this long with non
 def actor_device(requested: str, gpu_ids: list[str], cuda_available: bool) -> str:
     """Where an actor computes. A GPU only when Ray assigned it one: a CPU actor on a GPU
     node must not grab the node's GPUs, and fake GPU slots (no CUDA) compute on the CPU
-    under 'auto'."""
+    under 'auto'.
+
+    Args:
+        requested: the run's device option: "auto", "cpu" or "cuda".
+        gpu_ids: the GPU ids Ray assigned this actor (`ray.get_gpu_ids()`), as strings; empty: none.
+        cuda_available: whether torch sees a CUDA device in this process.
+    Returns:
+        "cuda" or "cpu".
+    Raises:
+        MergeError: "cuda" requested, but the actor has no GPU from Ray or CUDA sees none.
+    """
     if requested == "cpu":
         return "cpu"
     if gpu_ids and cuda_available:
@@ -140,6 +150,16 @@ def pool_shape(nodes: list[dict[str, float]], options: RunOptions, n_jobs: int, 
     `nodes` are the alive nodes' resources. Asking for more CPU workers than fit shares the
     CPUs fractionally (CPUs can be shared, GPUs are not); workers that still do not fit wait
     for room, and only started workers get shards.
+
+    Args:
+        nodes: each alive node's Ray resources ({"CPU": 16.0, "GPU": 1.0, ...}).
+        options: the run options (device, workers, threads_per_worker).
+        n_jobs: how many shards are to merge: never more workers than that.
+        embedded: whether the cluster was started by this run (no autoscaler: missing GPUs won't come).
+    Returns:
+        The PoolShape: worker count, CPUs and GPUs per actor, and how many fit now.
+    Raises:
+        ClusterError: device "cuda" with no GPU in the cluster (embedded, or without `workers` to ask for).
     """
     total_gpus = sum(int(n.get("GPU", 0.0)) for n in nodes)
     if options.device == "cuda" or (options.device == "auto" and total_gpus >= 1):
@@ -210,7 +230,18 @@ def alive_nodes() -> list[dict[str, float]]:
 @contextlib.contextmanager
 def ray_runtime(options: RunOptions, n_jobs: int, embedded: bool, storage: StorageCheck) -> Iterator[Runtime]:
     """The actor pool on the cluster now (inside `ray_session`), sized first so that a shape
-    that cannot work fails before any progress is drawn; its actors go when the run ends."""
+    that cannot work fails before any progress is drawn; its actors go when the run ends.
+
+    Args:
+        options: the run options (device, workers, threads, start timeout).
+        n_jobs: how many shards are to merge (caps the worker count).
+        embedded: whether `ray_session` started the cluster for this run.
+        storage: the input files and output folder each worker checks its node sees.
+    Returns:
+        A context manager yielding the "ray" Runtime; leaving it kills the actors.
+    Raises:
+        ClusterError: a pool shape the cluster cannot hold (see `pool_shape`).
+    """
     nodes = alive_nodes()
     shape = pool_shape(nodes, options, n_jobs, embedded)
     pool = ActorPool(shape, options, storage)

@@ -67,6 +67,14 @@ def resolve_address(address: str, timeout_s: float) -> str:
     also finds a head started with `--temp-dir`), as `ray.init("auto")` looks. Several running
     clusters and no live record is refused, as Ray refuses it: joining an arbitrary one would
     run the merge on a cluster the user did not mean.
+
+    Args:
+        address: "auto", "host:port" or "ray://host:port".
+        timeout_s: seconds to wait for the chosen cluster's port to accept a connection.
+    Returns:
+        The address to pass to `ray.init`, as found (RAY_ADDRESS's or the record's spelling).
+    Raises:
+        ClusterError: no cluster found, several and none recorded, or a malformed or unreachable address.
     """
     if address != "auto":
         check_reachable(address, timeout_s)
@@ -97,7 +105,15 @@ def resolve_address(address: str, timeout_s: float) -> str:
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
-    """Raise ClusterError unless the cluster's port accepts a connection within `timeout_s`."""
+    """Raise ClusterError unless the cluster's port accepts a connection within `timeout_s`: fail
+    in seconds with one line, where `ray.init` would retry for minutes.
+
+    Args:
+        address: "host:port" or "ray://host:port"; without a port, 6379 (GCS) or 10001 (Ray client).
+        timeout_s: seconds to keep retrying (every 0.5 s) before giving up.
+    Raises:
+        ClusterError: an address without a host or with a bad port, or no answer within `timeout_s`.
+    """
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     try:
         host, port = parsed.hostname, parsed.port or (10001 if parsed.scheme == "ray" else 6379)

@@ -436,7 +436,7 @@ def runtime_summary(plan: Any, options: RunOptions) -> dict[str, Any]:
 
     choice = choose_runtime(plan, options)
     return {"runtime": choice.runtime, "address": choice.address, "reason": choice.reason,
-            "estimated_seconds_one_worker": round(estimate_seconds(plan, options.threads_per_worker), 1)}
+            "estimated_seconds_one_worker": round(estimate_seconds(plan), 1)}
 
 
 def resolved_parameters(config: MergeConfig, weights: tuple[float, ...]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def test_auto_runs_small_merges_here_and_large_ones_on_ray(
     assert small.runtime == "local" and "less than Ray's ~10s start-up" in small.reason
     assert choose_runtime(star_dist.plan(tiny_fp32 / "merge.yaml"), RunOptions()).reason.startswith(
         "the plan has 1 shard")
-    monkeypatch.setattr(choose, "estimate_seconds", lambda plan, threads: 3600.0)  # as if the work took an hour
+    monkeypatch.setattr(choose, "estimate_seconds", lambda plan: 3600.0)  # as if the work took an hour
     monkeypatch.setattr(choose, "local_parallelism", lambda options: (4, "4 CPU group(s) of 1 thread(s)"))
     large = choose_runtime(plan, RunOptions())
     assert large.runtime == "ray" and large.address is None and "so on an embedded Ray cluster" in large.reason

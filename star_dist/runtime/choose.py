@@ -26,13 +26,13 @@ class RuntimeChoice:
     reason: str
 
 
-def estimate_seconds(plan: MergePlan, threads: int) -> float:
+def estimate_seconds(plan: MergePlan) -> float:
     """Single-worker wall time of the plan's work on the CPU, from the plan's cost model
-    (estimate.py: FLOPs at this CPU's measured rates, plus bytes moved), to weigh Ray's start-up.
+    (estimate.py: FLOPs at this CPU's measured rates for the run's threads per worker, plus
+    bytes moved), to weigh Ray's start-up.
 
     Args:
         plan: the merge plan, with its cost estimate.
-        threads: torch threads per worker; not read: the plan's estimate already used the run's.
     Returns:
         Seconds for one CPU worker to do all the work; 0.0 when the plan has no estimate.
     """
@@ -77,7 +77,7 @@ def choose_runtime(plan: MergePlan, options: RunOptions) -> RuntimeChoice:
 
 
 def _embedded_or_local(plan: MergePlan, options: RunOptions) -> RuntimeChoice:
-    seconds = estimate_seconds(plan, options.threads_per_worker)
+    seconds = estimate_seconds(plan)
     slots, what = local_parallelism(options)
     workers = min(slots, len(plan.shards), options.workers or slots)
     if workers < 2:

@@ -65,8 +65,9 @@ def _options(**kwargs: Any) -> RunOptions:
     if unknown:
         valid = ", ".join(f.name for f in dataclasses.fields(RunOptions))
         raise ConfigError(f"unknown run option(s) {', '.join(unknown)}; valid: {valid}")
-    if "max_shard_size" in kwargs and isinstance(kwargs["max_shard_size"], str):
-        kwargs["max_shard_size"] = parse_size(kwargs["max_shard_size"])
+    for name in ("max_shard_size", "max_memory_per_worker"):  # "5GB" as on the command line
+        if isinstance(kwargs.get(name), str):
+            kwargs[name] = parse_size(kwargs[name], name)
     return RunOptions(**kwargs)
 
 
@@ -94,7 +95,8 @@ def merge(config: ConfigLike, out_dir: str | Path, **options: Any) -> MergeResul
         start_timeout_s: seconds to wait for a first Ray worker to start before failing (default 300).
         verify_resume: re-hash the shards an earlier run finished before keeping them; default False.
         verify: check the output against its config.json's architecture when done; default True.
-        max_memory_per_worker: bytes (int) one worker may use on its device; None (default): what it has.
+        max_memory_per_worker: what one worker may use on its device, in bytes (int) or as text ("22GiB");
+            None (default): what the device has.
     Returns:
         The MergeResult: the files written, shards done and resumed, the report, where it ran and why.
     Raises:

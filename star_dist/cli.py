@@ -246,10 +246,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 def _memory_size(text: str | None) -> int | None:
     if text is None:
         return None
-    try:
-        return parse_size(text)
-    except ConfigError:
-        raise ConfigError(f"--max-memory-per-worker {text!r}: use a number with a unit, e.g. 22GiB, 500MB") from None
+    return parse_size(text, "--max-memory-per-worker")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -545,18 +545,26 @@ _SIZE_UNITS = {
 }
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '500MB', '2GiB', or a plain byte count (as transformers reads it)."""
+def parse_size(text: str | int, what: str = "max shard size") -> int:
+    """A size in bytes from text as transformers reads it: '5GB' -> 5_000_000_000, '500MB',
+    '2GiB', or a plain byte count.
+
+    Args:
+        text: the size as text, or already an int of bytes (returned as is).
+        what: the option's name, for the error message.
+    Returns:
+        The size in bytes.
+    Raises:
+        ConfigError: text that is not a positive number with a known unit.
+    """
     if isinstance(text, int):
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ConfigError(
-            f"max shard size {text!r}: use a number with a unit, e.g. 5GB, 500MB, 2GiB"
-        )
+        raise ConfigError(f"{what} {text!r}: use a number with a unit, e.g. 5GB, 500MB, 2GiB")
     size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
     if size <= 0:
-        raise ConfigError(f"max shard size {text!r} must be positive")
+        raise ConfigError(f"{what} {text!r} must be positive")
     return size
 
 

@@ -73,6 +73,19 @@ def test_parse_size() -> None:
     assert parse_size(1234) == 1234
     with pytest.raises(ConfigError, match="e.g. 5GB"):
         parse_size("5 parsecs")
+    with pytest.raises(ConfigError, match="^--max-memory-per-worker '0GB' must be positive$"):
+        parse_size("0GB", "--max-memory-per-worker")
+
+
+def test_api_sizes_take_text_as_the_command_line_does(tiny_fp32: Path) -> None:
+    """plan()/merge() read "22GiB" for the memory budget as they do "60kB" for shards, and a
+    bad one names the keyword."""
+    import star_dist
+
+    plan = star_dist.plan(tiny_fp32 / "merge.yaml", max_shard_size="60kB", max_memory_per_worker="22GiB")
+    assert plan.estimate is not None and plan.estimate.budget_bytes == 22 * 1024**3
+    with pytest.raises(ConfigError, match="^max_memory_per_worker 'lots': use a number with a unit"):
+        star_dist.plan(tiny_fp32 / "merge.yaml", max_memory_per_worker="lots")
 
 
 def test_mergekit_ties_yaml_runs_unchanged(tmp_path: Path) -> None:

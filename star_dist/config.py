@@ -188,108 +188,39 @@ class MergeConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> MergeConfig:
-        """Build and validate a config, reporting every problem at once."""
-        problems: list[str] = []
+        """Build and validate a config, reporting every problem at once.
+
+        Args:
+            data: the config as plain data: star_dist's keys or a mergekit YAML's (incl. `slices:`).
+            source: where it came from (a file path), the prefix of the error message.
+        Returns:
+            The config; `notes` say how mergekit spellings were read.
+        Raises:
+            ConfigError: every problem found, in one message.
+        """
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
         shape_problem = _structure_problem(data)
         if shape_problem:
             raise ConfigError(f"{source}: {shape_problem}")
         as_written = json.loads(json.dumps(dict(data), default=str))  # plain data, before any rewriting
-        known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format",
-                 "tokenizer_source", "slices"}
-        layer_range = None
-        if "slices" in data:
-            data, layer_range = _from_slices(data, problems)
-        for key in data:
-            if key in UNSUPPORTED_MERGEKIT_KEYS:
-                problems.append(f"{key}: {UNSUPPORTED_MERGEKIT_KEYS[key]}")
-            elif key not in known:
-                problems.append(f"unknown key {key!r} (valid: {', '.join(sorted(known))})")
+        problems: list[str] = []
         notes: list[str] = []
-        method = str(data.get("merge_method") or DEFAULT_METHOD)
-        spelled = method
-        if method in METHOD_ALIASES:
-            notes.append(f"merge_method {method!r} read as {METHOD_ALIASES[method]!r} (the same weighted mean)")
-            method = METHOD_ALIASES[method]
-        if method in UNSUPPORTED_MERGEKIT_METHODS:
-            problems.append(f"merge_method {method!r}: a mergekit method star_dist does not implement "
-                            "(use star, task_arithmetic, ties, average, linear, tsv, iso_c or iso_cts)")
-        base = data.get("base_model")
-        models: list[ModelSpec] = []
-        raw_models = data.get("models") or []
-        if not isinstance(raw_models, list) or not raw_models:
-            problems.append("models: no models to merge (give at least one under `models:`)")
-            raw_models = []
-        first = _first_model_path(raw_models)
-        if not base and method == "average" and first is not None:
-            # mergekit's linear needs no base: Σ w_i W_i / Σ w_i. The engine computes
-            # W_ref + Σ w_i (W_i − W_ref) / Σ w_i, the same mean for any reference, so the
-            # first model serves as one (its own τ is zero); its files are the ones copied.
-            base = first
-            notes.append(f"no base_model: models[0] {first!r} is the reference for shapes and copied files; "
-                         "the result is the weighted mean of all models, as mergekit's linear")
-            if not _normalizes(data):
-                problems.append("parameters.normalize: false needs a base_model for average/linear "
-                                "(Σ w_i W_i without normalizing has no reference to add to)")
-        elif not base:
-            problems.append("base_model is missing")
-        elif spelled == "linear" and first is not None and str(base) not in _model_paths(raw_models):
-            # mergekit adds a base_model that is not under models: as one more input to average.
-            raw_models = [*raw_models, {"model": str(base)}]
-            notes.append(f"linear: base_model {str(base)!r} is not under models:, so it is averaged in as one "
-                         "more model (as mergekit does); list it under models: to set its weight")
-        for i, entry in enumerate(raw_models):
-            spec, errs = _parse_model_entry(entry, i)
-            problems.extend(errs)
-            if spec is None:
-                continue
-            if base and spec.model == str(base) and method != "average":
-                # mergekit skips the base when it builds task vectors (its τ is zero anyway);
-                # counting it would turn STAR's 1/N mean into 1/(N+1).
-                notes.append(f"models[{i}] {spec.model!r} is also the base_model: not counted as a "
-                             "fine-tune (as mergekit does)")
-                continue
-            models.append(spec)
-        params = data.get("parameters") or {}
-        if not isinstance(params, Mapping):
-            problems.append("parameters must be a mapping")
-            params = {}
-        malformed = {key for key, setting in params.items() if setting_problems(setting, f"parameters.{key}")}
-        for key in malformed:
-            problems.extend(setting_problems(params[key], f"parameters.{key}"))
-        params = {k: v for k, v in params.items() if k not in malformed}
-        dtype = data.get("dtype")
-        if dtype is not None and str(dtype) not in DTYPE_NAMES:
-            problems.append(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
-        out_dtype = data.get("out_dtype")
-        if out_dtype is not None and str(out_dtype) not in DTYPE_NAMES:
-            problems.append(f"out_dtype {out_dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
-        if data.get("tokenizer_source") not in TOKENIZER_SOURCES:
-            problems.append(
-                f"tokenizer_source {data.get('tokenizer_source')!r}: star_dist copies the base's tokenizer "
-                "files; use `tokenizer_source: base` or leave it out"
-            )
-        output_format = str(data.get("output_format", "model"))
-        if output_format not in OUTPUT_FORMATS:
-            problems.append(f"output_format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+        data, layer_range = _from_slices(data, problems) if "slices" in data else (data, None)
+        problems += _key_problems(data)
+        method, spelled = _method_name(data, notes, problems)
+        base, raw_models = _base_and_model_entries(data, method, spelled, notes, problems)
+        models = _model_specs(raw_models, base, method, notes, problems)
+        params = _parameters(data, problems)
+        dtype, out_dtype, output_format = _output_settings(data, problems)
         if method == "ties" and "density" not in params and models and not all(
                 "density" in m.parameters for m in models):
             notes.append(f"ties: no density given, so star_dist trims each task vector to "
                          f"{TIES_DEFAULT_DENSITY} (mergekit's default is {MERGEKIT_TIES_DEFAULT_DENSITY}: "
                          "set `density: 1` for mergekit's result)")
-        config = cls(
-            merge_method=method,
-            base_model=str(base or ""),
-            models=tuple(models),
-            parameters=dict(params),
-            dtype=None if dtype is None else str(dtype),
-            out_dtype=None if out_dtype is None else str(out_dtype),
-            output_format=output_format,
-            notes=tuple(notes),
-            layer_range=layer_range,
-            as_written=as_written,
-        )
+        config = cls(merge_method=method, base_model=str(base or ""), models=tuple(models), parameters=params,
+                     dtype=dtype, out_dtype=out_dtype, output_format=output_format, notes=tuple(notes),
+                     layer_range=layer_range, as_written=as_written)
         # The method's own checks join the file's problems: one message, never two rounds.
         problems += [p for p in config.problems() if not (p.startswith("models:") and not models)]
         if problems:
@@ -430,6 +361,114 @@ def _structure_problem(data: Any) -> str | None:
         elif isinstance(node, (list, tuple, set, frozenset)):
             stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(node))
     return None
+
+
+_CONFIG_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "output_format",
+                "tokenizer_source", "slices")
+
+
+def _key_problems(data: Mapping[str, Any]) -> list[str]:
+    """Top-level keys star_dist does not read: mergekit features it lacks, or typos."""
+    problems = []
+    for key in data:
+        if key in UNSUPPORTED_MERGEKIT_KEYS:
+            problems.append(f"{key}: {UNSUPPORTED_MERGEKIT_KEYS[key]}")
+        elif key not in _CONFIG_KEYS:
+            problems.append(f"unknown key {key!r} (valid: {', '.join(sorted(_CONFIG_KEYS))})")
+    return problems
+
+
+def _method_name(data: Mapping[str, Any], notes: list[str], problems: list[str]) -> tuple[str, str]:
+    """(the method star_dist runs, the name as spelled): mergekit's `linear` is `average`."""
+    spelled = str(data.get("merge_method") or DEFAULT_METHOD)
+    method = METHOD_ALIASES.get(spelled, spelled)
+    if method != spelled:
+        notes.append(f"merge_method {spelled!r} read as {method!r} (the same weighted mean)")
+    if method in UNSUPPORTED_MERGEKIT_METHODS:
+        problems.append(f"merge_method {method!r}: a mergekit method star_dist does not implement "
+                        "(use star, task_arithmetic, ties, average, linear, tsv, iso_c or iso_cts)")
+    return method, spelled
+
+
+def _base_and_model_entries(data: Mapping[str, Any], method: str, spelled: str, notes: list[str],
+                            problems: list[str]) -> tuple[Any, list[Any]]:
+    """The base model and the raw `models:` entries, with mergekit's two base rules for
+    average/linear: no base takes the first model as the reference, and a base that is not
+    under `models:` is averaged in as one more model."""
+    base = data.get("base_model")
+    raw_models = data.get("models") or []
+    if not isinstance(raw_models, list) or not raw_models:
+        problems.append("models: no models to merge (give at least one under `models:`)")
+        raw_models = []
+    first = _first_model_path(raw_models)
+    if not base and method == "average" and first is not None:
+        # mergekit's linear needs no base: Σ w_i W_i / Σ w_i. The engine computes
+        # W_ref + Σ w_i (W_i − W_ref) / Σ w_i, the same mean for any reference, so the
+        # first model serves as one (its own τ is zero); its files are the ones copied.
+        base = first
+        notes.append(f"no base_model: models[0] {first!r} is the reference for shapes and copied files; "
+                     "the result is the weighted mean of all models, as mergekit's linear")
+        if not _normalizes(data):
+            problems.append("parameters.normalize: false needs a base_model for average/linear "
+                            "(Σ w_i W_i without normalizing has no reference to add to)")
+    elif not base:
+        problems.append("base_model is missing")
+    elif spelled == "linear" and first is not None and str(base) not in _model_paths(raw_models):
+        # mergekit adds a base_model that is not under models: as one more input to average.
+        raw_models = [*raw_models, {"model": str(base)}]
+        notes.append(f"linear: base_model {str(base)!r} is not under models:, so it is averaged in as one "
+                     "more model (as mergekit does); list it under models: to set its weight")
+    return base, raw_models
+
+
+def _model_specs(raw_models: list[Any], base: Any, method: str, notes: list[str],
+                 problems: list[str]) -> list[ModelSpec]:
+    """Each `models:` entry parsed; the base listed among them is not a fine-tune (but for average)."""
+    models = []
+    for i, entry in enumerate(raw_models):
+        spec, errs = _parse_model_entry(entry, i)
+        problems.extend(errs)
+        if spec is None:
+            continue
+        if base and spec.model == str(base) and method != "average":
+            # mergekit skips the base when it builds task vectors (its τ is zero anyway);
+            # counting it would turn STAR's 1/N mean into 1/(N+1).
+            notes.append(f"models[{i}] {spec.model!r} is also the base_model: not counted as a "
+                         "fine-tune (as mergekit does)")
+            continue
+        models.append(spec)
+    return models
+
+
+def _parameters(data: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The top-level `parameters:`, those whose value is malformed reported and left out."""
+    params = data.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        problems.append("parameters must be a mapping")
+        return {}
+    malformed = {key for key, setting in params.items() if setting_problems(setting, f"parameters.{key}")}
+    for key in malformed:
+        problems.extend(setting_problems(params[key], f"parameters.{key}"))
+    return {k: v for k, v in params.items() if k not in malformed}
+
+
+def _output_settings(data: Mapping[str, Any], problems: list[str]) -> tuple[str | None, str | None, str]:
+    """(dtype, out_dtype, output_format) as given, checked; tokenizer_source must be the base."""
+    dtype = data.get("dtype")
+    if dtype is not None and str(dtype) not in DTYPE_NAMES:
+        problems.append(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+    out_dtype = data.get("out_dtype")
+    if out_dtype is not None and str(out_dtype) not in DTYPE_NAMES:
+        problems.append(f"out_dtype {out_dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+    if data.get("tokenizer_source") not in TOKENIZER_SOURCES:
+        problems.append(
+            f"tokenizer_source {data.get('tokenizer_source')!r}: star_dist copies the base's tokenizer "
+            "files; use `tokenizer_source: base` or leave it out"
+        )
+    output_format = str(data.get("output_format", "model"))
+    if output_format not in OUTPUT_FORMATS:
+        problems.append(f"output_format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    return (None if dtype is None else str(dtype)), (None if out_dtype is None else str(out_dtype)), output_format
 
 
 def _from_slices(data: Mapping[str, Any], problems: list[str]) -> tuple[dict[str, Any], tuple[int, int] | None]:

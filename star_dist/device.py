@@ -12,6 +12,10 @@ the device after starting the next one's copy.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -20,6 +24,9 @@ from typing import Any
 import torch
 
 from .errors import MergeError
+
+log = logging.getLogger(__name__)
+TF32_OVERRIDE = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"  # forces TF32 on, whatever the process asks
 
 
 def resolve_device(requested: str, cuda: ModuleType | Any = torch.cuda) -> torch.device:
@@ -47,6 +54,37 @@ def resolve_device(requested: str, cuda: ModuleType | Any = torch.cuda) -> torch
         visible = f"cuda:0 to cuda:{count - 1}" if count else "none"
         raise MergeError(f"device {requested!r} requested but this worker sees {count} GPU(s): {visible}")
     return device
+
+
+@contextlib.contextmanager
+def exact_float32_matmuls(device: torch.device) -> Iterator[None]:
+    """A block whose float32 matrix products on `device` run in full float32, not TF32.
+
+    TF32 keeps 10 bits of mantissa: a merged weight would differ from the CPU's far beyond
+    rounding. torch's default is off, but a pipeline may have turned it on for training; this
+    turns it off for the block and restores it. `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1` cannot be
+    undone from inside the process: then a warning says so.
+
+    Args:
+        device: where the block computes; nothing changes off CUDA.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    if os.environ.get(TF32_OVERRIDE) == "1":
+        _warn_tf32_override()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_tf32_override() -> None:
+    log.warning("%s=1 forces TF32 float32 matmuls on this GPU worker: merged weights lose precision "
+                "(unset it for exact results)", TF32_OVERRIDE)
 
 
 class CudaOps:

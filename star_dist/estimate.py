@@ -34,6 +34,10 @@ STREAMING_COPIES = 5.0
 JOINT_COPIES = 5.0
 # On a GPU the host keeps a pinned double buffer of one tensor's input (base + one model).
 PINNED_BUFFERS = 2
+# float64 (k, k) matrices a dense STAR holds: on the CPU G (and the tridiagonal form, within the
+# measured copies); on a GPU G, eigh's eigenvectors and cuSOLVER's workspace, counted from the
+# algorithm (not measured: no GPU was at hand).
+GRAM_MATRICES = {"cpu": 1, "cuda": 3}
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ def working_set(work: TensorWork, method: Any, n_models: int, device: str = "cud
     if fused and device == "cuda":
         return 0  # summed in host RAM (see _gpu_host_bytes), never on the GPU
     in_flight = work.bytes_read // (len(work.ranks) + 1) if device == "cuda" and None in work.ranks else 0
-    return _compute_bytes(work, method, n_models, fused) + in_flight
+    return _compute_bytes(work, method, n_models, fused, device) + in_flight
 
 
 def _fused(work: TensorWork, method: Any) -> bool:
@@ -176,7 +180,7 @@ def _fused(work: TensorWork, method: Any) -> bool:
     return method.streaming and getattr(method, "identity", False) and all(r is None for r in work.ranks)
 
 
-def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool) -> int:
+def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool, device: str = "cpu") -> int:
     """The copies the merge itself holds (working_set without the upload in flight)."""
     f32 = 4 * work.numel
     if hasattr(method, "working_bytes"):
@@ -185,7 +189,8 @@ def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool) ->
         if all(r is not None for r in work.ranks):  # factor-wise: only the dense output is m×n
             m, n = work.shape
             return int(3 * f32 + 32 * (m + n) * sum(r or 0 for r in work.ranks))
-        return int(SPECTRAL_COPIES * f32 + 8 * min(work.shape) ** 2)
+        gram_matrices = GRAM_MATRICES["cuda" if device == "cuda" else "cpu"]
+        return int(SPECTRAL_COPIES * f32 + gram_matrices * 8 * min(work.shape) ** 2)
     if fused:
         return FusedSum.working_bytes(work.numel, work.bytes_out // max(work.numel, 1)) + FUSED_OVERHEAD_BYTES
     if method.streaming:

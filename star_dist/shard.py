@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .device import exact_float32_matmuls
 from .lora import PEFT_PREFIX
 from .merge_tensor import TensorMerger, resolve_device
 from .methods import MergeMethod, get_method
@@ -71,7 +72,7 @@ def merge_shard(
     )
     report: dict[str, Any] = {}
     try:
-        with torch_threads(run.threads), TensorReader(prefetch_pages=overlap) as reader:
+        with torch_threads(run.threads), exact_float32_matmuls(device), TensorReader(prefetch_pages=overlap) as reader:
             merger = TensorMerger(method, run.weights, run.lambda_, reader, device, run.compute_dtype)
             for tensor_job in read_ahead(job.tensors, merger.prefetch if overlap else None):
                 report[tensor_job.name] = merger.merge_into(tensor_job, writer)
@@ -139,8 +140,9 @@ def _merge_adapter(
     method = method_of(run)
     factors: list[tuple[str, torch.Tensor]] = []
     report: dict[str, Any] = {}
-    with torch_threads(run.threads), TensorReader() as reader:
-        merger = TensorMerger(method, run.weights, run.lambda_, reader, resolve_device(run.device), run.compute_dtype)
+    device = resolve_device(run.device)
+    with torch_threads(run.threads), exact_float32_matmuls(device), TensorReader() as reader:
+        merger = TensorMerger(method, run.weights, run.lambda_, reader, device, run.compute_dtype)
         for tensor_job in job.tensors:
             lora_b, lora_a, report[tensor_job.name] = merger.merge_factors(tensor_job)
             module = PEFT_PREFIX + tensor_job.name.removesuffix(".weight")

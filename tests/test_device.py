@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from star_dist.device import Uploader, resolve_device
+from star_dist.device import TF32_OVERRIDE, Uploader, exact_float32_matmuls, resolve_device
 from star_dist.errors import MergeError
 
 
@@ -34,6 +34,28 @@ def test_resolve_device_without_gpus() -> None:
     with pytest.raises(MergeError, match="^device 'cuda' requested but this worker has no CUDA device$"):
         resolve_device("cuda", cuda)
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the real one
+
+
+def test_gpu_merges_run_float32_products_in_full_float32_and_restore_the_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pipeline that turned TF32 on gets exact float32 GEMMs inside a GPU merge and its own
+    setting back after; the environment override, which cannot be undone, is warned about."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 on, as a training script may leave it
+        with exact_float32_matmuls(torch.device("cpu")):
+            assert torch.get_float32_matmul_precision() == "high"  # the CPU has no TF32: untouched
+        with exact_float32_matmuls(torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        monkeypatch.setenv(TF32_OVERRIDE, "1")
+        with caplog.at_level("WARNING", logger="star_dist.device"), exact_float32_matmuls(torch.device("cuda")):
+            pass
+        assert any(TF32_OVERRIDE in r.getMessage() and "precision" in r.getMessage() for r in caplog.records)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_uploader_cpu_hands_tensors_through_one_ahead() -> None:

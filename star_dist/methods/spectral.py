@@ -126,7 +126,7 @@ class GramSide:
     tall: torch.Tensor  # (max(m, n), k) τ, or a transposed view of τ when wide; τ's dtype
     wide: bool  # True when tall = τᵀ (m < n)
     gram: torch.Tensor | None = None  # (k, k) float64 tallᵀ tall, or None when not formed
-    vectors: torch.Tensor | None = None  # (k, k) G's eigenvectors, descending, when eigh already ran
+    vectors: torch.Tensor | None = None  # (k, k) G's eigenvectors, ascending as eigh gives them, when it ran
     tridiagonal: Tridiagonal | None = None  # G reduced once on the CPU: values and top vectors from it
 
     def row_blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -172,6 +172,19 @@ class GramSide:
         return out
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`: asynchronous only host → GPU, where the stream orders the copy
+    before its use; a copy to the host must be complete before the CPU reads it.
+
+    Args:
+        tensor: any tensor.
+        device: where it is needed.
+    Returns:
+        The tensor itself when already there, else a copy.
+    """
+    return tensor.to(device, non_blocking=torch.device(device).type == "cuda")
+
+
 def gram_side(tau: torch.Tensor, form: bool = True, device: torch.device | str | None = None) -> GramSide:
     """τ (or τᵀ, so the Gram side is the smaller) on `device`, its float64 G formed if `form`.
 
@@ -183,7 +196,7 @@ def gram_side(tau: torch.Tensor, form: bool = True, device: torch.device | str |
     Returns:
         The GramSide. It holds τ itself (moved to `device` if needed), not a float64 copy.
     """
-    tau = tau if device is None else tau.to(device, non_blocking=True)  # (m, n)
+    tau = tau if device is None else to_device(tau, device)  # (m, n)
     wide = tau.shape[0] < tau.shape[1]
     tall = tau.T if wide else tau  # (max, k), a view: GEMMs read either layout at full speed
     side = GramSide(tall, wide)
@@ -223,13 +236,12 @@ def _as_factors(side: GramSide, basis: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _gram_basis(side: GramSide, r: int) -> torch.Tensor:
     """Top-r eigenvectors of the float64 Gram matrix G = tallᵀ tall, descending: (k, r)."""
-    if side.vectors is not None:  # the values route already ran eigh (`spectrum.star_spectrum`)
-        return side.vectors[:, :r]  # (k, r)
-    if side.tridiagonal is not None:  # ... or reduced G to tridiagonal form: r vectors from it
+    if side.tridiagonal is not None:  # G reduced to tridiagonal form: r vectors from it
         return side.tridiagonal.top_vectors(r)  # (k, r)
-    gram = side.gram if side.gram is not None else _gram(side)  # (k, k)
-    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    return vectors[:, vectors.shape[1] - r :].flip(-1)  # (k, r)
+    vectors = side.vectors  # the values route may already have run eigh (`spectrum.star_spectrum`)
+    if vectors is None:
+        _, vectors = torch.linalg.eigh(side.gram if side.gram is not None else _gram(side))  # ascending
+    return vectors[:, vectors.shape[1] - r :].flip(-1)  # (k, r): only the kept columns are copied
 
 
 def _subspace_plan(s: torch.Tensor, r: int, n_rows: int, formed: bool = False) -> tuple[int, int] | None:

@@ -100,11 +100,12 @@ def gram_values(side: GramSide) -> torch.Tensor:
 
 
 def _eigh(side: GramSide) -> tuple[GramSide, torch.Tensor]:
-    """G's eigenvalues as σ (k,) and its eigenvectors, both descending, kept on the side."""
+    """G's eigenvalues as σ (k,), descending, and its eigenvectors kept on the side as eigh gives
+    them (ascending: flipping all k would copy a (k, k) matrix; the caller takes the top r)."""
     assert side.gram is not None
     lam, vectors = torch.linalg.eigh(side.gram)  # (k,), (k, k) ascending
     values = lam.flip(0).clamp_(min=0).sqrt_()  # (k,) descending
-    return replace(side, vectors=vectors.flip(-1)), values
+    return replace(side, vectors=vectors), values
 
 
 def looks_flat(side: GramSide) -> bool:

@@ -17,7 +17,7 @@ from star_dist.errors import ConfigError, DataError
 from star_dist.finite import finite
 from star_dist.methods.base import LowRank, StreamingMethod, TaskVector
 from star_dist.methods.params import as_number
-from star_dist.methods.spectral import TopMethod, kept_rank, lowrank_svd, top_factors
+from star_dist.methods.spectral import TopMethod, kept_rank, lowrank_svd, to_device, top_factors
 from star_dist.methods.spectrum import ValuesMethod, star_spectrum
 
 
@@ -96,7 +96,7 @@ class Star(StreamingMethod):
         if not finite(tau):  # no mask the size of τ: that was the peak of a STAR merge
             raise DataError("STAR: the task vector holds NaN or Inf; check the input weights")
         home = tau.device  # the result goes back where τ came from
-        tau = tau if self.device is None else tau.to(self.device, non_blocking=True)
+        tau = tau if self.device is None else to_device(tau, self.device)
         spectrum = star_spectrum(tau, self.params.eta, self.values_method)  # every σ and the rank r
         r, s = spectrum.rank, spectrum.values  # s (min(m, n),)
         if r == 0:

@@ -26,3 +26,20 @@ def test_gpu_bench_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
     assert all(row["max_rel_diff_vs_naive"] < 1e-4 for row in kernel)
     assert report["upload"]["tensors"] == 8
     assert report["merge"]["max_abs_diff_vs_naive"] < 1e-2  # bf16 outputs: a rounding step at most
+
+
+def test_gpu_bench_skips_a_section_that_would_not_fit() -> None:
+    """After the kernel rows, a section predicts its time from their seconds per element and
+    records why it was skipped, instead of running past the machine's limit."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import gpu
+
+    rates = gpu.seconds_per_element([{"shape": [8192, 8192], "naive_s": 20.0, "star_s": 2.0},
+                                     {"shape": [4096, 4096], "skipped": "predicted 99s"}])
+    assert rates == {"naive": 20.0 / 8192**2, "star": 2.0 / 8192**2}
+    cpu, short = torch.device("cpu"), gpu.Budget(5.0)  # upload predicts 28 s, the merge minutes
+    assert gpu.bench_merge(cpu, False, short, rates)["skipped"].startswith("predicted ")
+    assert gpu.bench_upload(cpu, False, short, rates)["skipped"].startswith("predicted ")
+    assert "skipped" in gpu.bench_merge(cpu, False, gpu.Budget(1e6), None)  # no kernel row ran: no prediction

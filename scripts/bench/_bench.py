@@ -66,8 +66,11 @@ def machine_info() -> dict[str, Any]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[pkg] = importlib.metadata.version(pkg)
     git = {"cwd": ROOT, "capture_output": True, "text": True}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "star_dist"], **git)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "star_dist"], **git)
+    except OSError:  # no git on this machine (a lent GPU box): the digest below still names the code
+        commit = dirty = subprocess.CompletedProcess([], 1, "", "")
     return {
         "nproc": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),

@@ -1,6 +1,6 @@
 """STAR on one GPU: the Gram kernels vs torch.linalg.svd on the same GPU, a whole merge, the uploader.
 
-    .venv/bin/python scripts/bench/gpu.py                  # on a machine with a CUDA GPU, < 8 minutes
+    python3 scripts/bench/gpu.py --out $OUT/gpu.json     # on a machine with a CUDA GPU (its own CUDA torch), < 8 min
     .venv/bin/python scripts/bench/gpu.py --cpu-dry-run    # tiny sizes on the CPU: checks it runs end to end
 
 Sections, each under a share of the time budget (`--budget-s`, default 420 s; a row whose
@@ -16,13 +16,17 @@ predicted time would overrun is recorded as skipped, never silently dropped):
   merge     a generated llama-shaped bf16 model (hidden 4096, intermediate 14336, 1 layer,
             vocab 8192) × 4 fine-tunes: star_dist.merge(device="cuda", in-process) vs the naive
             in-memory STAR with torch.linalg.svd on the same GPU.
-Writes scripts/bench/results/gpu.json (gpu_cpu_dry_run.json for the dry run).
+Sections after the kernel predict their time from the kernel rows' seconds per element and are
+skipped, with the reason, when it would not fit. The JSON is rewritten after every section, so
+a run stopped from outside keeps what it measured. Writes scripts/bench/results/gpu.json
+(gpu_cpu_dry_run.json for the dry run), or --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -171,9 +175,35 @@ def bench_kernel(device: torch.device, dry: bool, budget: Budget, repeats: int) 
     return rows
 
 
-def bench_upload(device: torch.device, dry: bool) -> dict:
+def seconds_per_element(rows: list[dict]) -> dict[str, float] | None:
+    """The slowest measured kernel row's seconds per τ entry, for naive and star; None if none ran."""
+    done = [row for row in rows if "skipped" not in row]
+    if not done:
+        return None
+    return {name: max(row[f"{name}_s"] / (row["shape"][0] * row["shape"][1]) for row in done)
+            for name in ("naive", "star")}
+
+
+def matrix_elements(shape: Any) -> int:
+    """Entries of the 2-D weights of a TinyShape llama (untied embeddings), one model."""
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    per_layer = 2 * shape.hidden**2 + 2 * shape.hidden * kv + 3 * shape.hidden * shape.intermediate
+    return shape.layers * per_layer + 2 * shape.vocab * shape.hidden
+
+
+def fits(budget: Budget, predicted: float, dry: bool) -> str | None:
+    """None when a section may run; else why it is skipped."""
+    if dry or budget.allows(predicted):
+        return None
+    return f"predicted {predicted:.0f}s, {budget.left():.0f}s left in the budget"
+
+
+def bench_upload(device: torch.device, dry: bool, budget: Budget, rates: dict[str, float] | None) -> dict:
     """Merging 8 host tensors one by one: plain copies vs the overlapped uploader."""
     m, n = (32, 112) if dry else (4096, 14336)
+    skip = fits(budget, 16 * rates["star"] * m * n if rates else float("inf"), dry)  # 2 passes × 8 STARs
+    if skip:
+        return {"skipped": skip}
     gen = torch.Generator().manual_seed(5)
     hosts = [(torch.randn(m, 64, generator=gen) @ torch.randn(64, n, generator=gen)).bfloat16() for _ in range(8)]
     star = Star(StarParams(ETA))
@@ -204,14 +234,17 @@ def naive_merge(folder: Path, device: torch.device, n_models: int) -> dict[str, 
     return merged
 
 
-def bench_merge(device: torch.device, dry: bool, budget: Budget) -> dict:
+def bench_merge(device: torch.device, dry: bool, budget: Budget, rates: dict[str, float] | None) -> dict:
     import star_dist
     from star_dist.tiny_models import TinyShape, make_tiny_merge
 
-    if budget.left() < 120 and not dry:
-        return {"skipped": f"{budget.left():.0f}s left in the budget"}
     shape = TinyShape(hidden=64, intermediate=224, layers=1, heads=4, kv_heads=2, vocab=256) if dry else \
         TinyShape(hidden=4096, intermediate=14336, layers=1, heads=32, kv_heads=8, vocab=8192)
+    # 4 fine-tunes through both contenders, plus a minute to write and read the models.
+    predicted = 4 * (rates["naive"] + rates["star"]) * matrix_elements(shape) + 60 if rates else float("inf")
+    skip = fits(budget, predicted, dry)
+    if skip:
+        return {"skipped": skip}
     with tempfile.TemporaryDirectory(prefix="gpu_merge_") as tmp:
         start = time.perf_counter()
         config = make_tiny_merge(Path(tmp), n_models=4, dtype="bfloat16", shape=shape, shards=2)
@@ -240,19 +273,29 @@ def main() -> None:
         sys.exit("gpu.py: no CUDA device here; run it on a GPU machine, or pass --cpu-dry-run to check it runs")
     device = torch.device("cpu") if args.cpu_dry_run else resolve_device("cuda")
     budget = Budget(args.budget_s)
-    report: dict[str, Any] = {"machine_start": _bench.machine_info(), "device": str(device), "eta": ETA}
+    report: dict[str, Any] = {"machine_start": _bench.machine_info(), "device": str(device), "eta": ETA,
+                              "tf32": {"override_env": os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"),
+                                       "float32_matmul_precision": torch.get_float32_matmul_precision()}}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
+
+    def save() -> Path:
+        report["total_s"] = args.budget_s - budget.left()
+        if args.out is not None:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+            return args.out
+        return _bench.write_result("gpu_cpu_dry_run" if args.cpu_dry_run else "gpu", report)
+
     report["accuracy"] = bench_accuracy(device, args.cpu_dry_run)
+    save()
     kernel_budget = Budget(min(budget.left(), 0.55 * args.budget_s))
     report["kernel"] = bench_kernel(device, args.cpu_dry_run, kernel_budget, args.repeats)
-    report["upload"] = bench_upload(device, args.cpu_dry_run)
-    report["merge"] = bench_merge(device, args.cpu_dry_run, budget)
-    report["total_s"] = args.budget_s - budget.left()
-    if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-    path = args.out or _bench.write_result("gpu_cpu_dry_run" if args.cpu_dry_run else "gpu", report)
-    print(f"wrote {path}")
+    save()
+    rates = seconds_per_element(report["kernel"])
+    report["upload"] = bench_upload(device, args.cpu_dry_run, budget, rates)
+    save()
+    report["merge"] = bench_merge(device, args.cpu_dry_run, budget, rates)
+    print(f"wrote {save()}")
 
 
 if __name__ == "__main__":

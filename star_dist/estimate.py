@@ -32,6 +32,12 @@ SPECTRAL_METHODS = frozenset({"star", "tsv", "iso_c", "iso_cts"})
 SPECTRAL_COPIES = 5.0
 STREAMING_COPIES = 5.0
 JOINT_COPIES = 5.0
+# The engine's row blocks for joint methods (TIES), elements of all N models' blocks together:
+# cache-sized on the CPU (1 MiB of float32: memory flat in N); on a GPU 64 MiB, since a block is
+# one upload and a few kernel launches per model (a 4096×14336 tensor of 12 models: 42 blocks,
+# not 4096), which a GPU holds easily: its block copies are counted on top (JOINT_BLOCK_COPIES).
+JOINT_BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+JOINT_BLOCK_COPIES = 5
 # On a GPU the host keeps a pinned double buffer of one tensor's input (base + one model).
 PINNED_BUFFERS = 2
 # float64 (k, k) matrices a dense STAR holds: on the CPU G (and the tridiagonal form, within the
@@ -195,7 +201,8 @@ def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool, de
         return FusedSum.working_bytes(work.numel, work.bytes_out // max(work.numel, 1)) + FUSED_OVERHEAD_BYTES
     if method.streaming:
         return int(STREAMING_COPIES * f32)
-    return int(JOINT_COPIES * f32)
+    block = min(JOINT_BLOCK_ELEMENTS["cuda"], n_models * work.numel)  # all models' rows of one block
+    return int(JOINT_COPIES * f32) + (JOINT_BLOCK_COPIES * 4 * block if device == "cuda" else 0)
 
 
 def spectral_flops(work: TensorWork) -> tuple[float, float]:

@@ -20,6 +20,7 @@ import torch
 from .device import Uploader
 from .device import resolve_device as resolve_device  # the shard runner's import; device.py owns it
 from .errors import DataError, InputError, MergeError
+from .estimate import JOINT_BLOCK_ELEMENTS
 from .finite import all_finite, finite
 from .lora import LoraSource
 from .mergekit_params import method_for
@@ -30,9 +31,6 @@ from .planner import Source, TensorJob
 from .safetensors_format import DTYPES, FileShrank, StreamingShardWriter, TensorEntry, TensorReader
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Row-block size for joint methods: all N models' blocks together hold about this many
-# elements (1 MiB of float32), so a block's work stays in cache and memory does not grow with N.
-JOINT_BLOCK_ELEMENTS = 1 << 18
 Put = Callable[[torch.Tensor], None]  # takes the next flat piece of the tensor being written
 
 
@@ -266,7 +264,8 @@ class TensorMerger:
             blocks = [None]
         else:
             rows = base.shape[0]
-            step = max(1, JOINT_BLOCK_ELEMENTS // max(row_numel * len(job.models), 1))
+            per_block = JOINT_BLOCK_ELEMENTS["cuda" if self.device.type == "cuda" else "cpu"]
+            step = max(1, per_block // max(row_numel * len(job.models), 1))
             blocks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
         for block in blocks:  # pass 2: the same rows of every model
             base_block = base if block is None else base[block[0] : block[1]]

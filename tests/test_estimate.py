@@ -19,6 +19,8 @@ from star_dist.estimate import (
     CPU_SETUP_SECONDS,
     ELEMENT_SECONDS,
     GPU_RATES,
+    JOINT_BLOCK_COPIES,
+    JOINT_BLOCK_ELEMENTS,
     Rates,
     TensorWork,
     estimate,
@@ -92,8 +94,9 @@ def test_working_sets_follow_the_method() -> None:
     assert working_set(embed, tsv, 12, "cpu") == tsv.working_bytes(EMBED, 12)
     for method in (star, tsv, ties):  # on a GPU the next input's copy is in flight: one more bf16 input
         eigh = 2 * 8 * min(EMBED) ** 2 if method is star else 0  # a GPU's eigh: its vectors and workspace
+        blocks = JOINT_BLOCK_COPIES * 4 * JOINT_BLOCK_ELEMENTS["cuda"] if method is ties else 0  # GPU-sized blocks
         extra = working_set(embed, method, 12, "cuda") - working_set(embed, method, 12, "cpu")
-        assert extra == 2 * math.prod(EMBED) + eigh
+        assert extra == 2 * math.prod(EMBED) + eigh + blocks
     assert working_set(lora_only := _work((4096, 4096), ranks=(16,) * 12), star, 12, "cuda") == working_set(
         lora_only, star, 12, "cpu")  # LoRA factors are not streamed
 

@@ -182,6 +182,22 @@ def test_rerun_resumes_and_gives_identical_bytes(tiny_fp32: Path, tmp_path: Path
     assert folder_bytes(out) == reference
 
 
+def test_ties_bytes_do_not_depend_on_the_row_block_size(
+    tiny_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIES merges row blocks sized for the device (cache-sized on the CPU, 64 Mi elements on a
+    GPU): blocks of a few rows and whole tensors give the same bytes."""
+    from star_dist import estimate
+
+    cfg = _config(tiny_fp32, "ties", density=0.4)
+    outputs = []
+    for elements in (1 << 10, 1 << 24):  # several blocks per tensor; one block per tensor
+        monkeypatch.setitem(estimate.JOINT_BLOCK_ELEMENTS, "cpu", elements)
+        star_dist.merge(cfg, tmp_path / str(elements), runtime="local", quiet=True)
+        outputs.append(folder_bytes(tmp_path / str(elements)))
+    assert outputs[0] == outputs[1]
+
+
 def test_same_bytes_whatever_the_shard_order(tiny_fp32: Path, tmp_path: Path) -> None:
     """The in-process runtime works most-expensive-first; a different order, same bytes."""
     from star_dist.config import RunOptions

@@ -84,54 +84,65 @@ def model_card(plan: MergePlan, report: dict[str, Any]) -> str:
     """
     config = plan.config
     method = get_method(config.merge_method, config.method_params())
-    front = ["---", *card_front_matter(config).splitlines(), "---"]
-    weights = report["weights"]
-    rows = "\n".join(
-        f"| {i + 1} | `{m.model}` | {weights[i]:.6g} |" for i, m in enumerate(config.models)
-    )
-    params = {**method.params_dict(), "lambda": config.lambda_}
     lines = [
-        *front,
+        "---", *card_front_matter(config).splitlines(), "---",
+        *_card_header(plan.out_dir.name, config, method, report["star_dist_version"]),
+        *_inputs_section(config, report["weights"]),
+        *_parameters_section(config, method),
+        *_star_section(report),
+        *report_section(plan.out_dir),
+        *config_section(config),
+    ]
+    return "\n".join(lines)
+
+
+def _card_header(title: str, config: Any, method: Any, version: str) -> list[str]:
+    """The title, the tool, method and its reference, and the base model."""
+    return [
         "",
-        f"# {plan.out_dir.name}",
+        f"# {title}",
         "",
-        f"This model was merged with star_dist "
-        f"{report['star_dist_version']} using **{config.merge_method}**.",
+        f"This model was merged with star_dist {version} using **{config.merge_method}**.",
         "",
         f"Method reference: {method.reference or 'see the star_dist README'}.",
         "",
         f"Base model: `{config.base_model}`",
         "",
-        "## Inputs",
-        "",
-        "| # | model | weight |",
-        "|---|---|---|",
-        rows,
-        "",
+    ]
+
+
+def _inputs_section(config: Any, weights: list[float]) -> list[str]:
+    """Each merged model with its resolved weight."""
+    rows = [f"| {i + 1} | `{m.model}` | {weights[i]:.6g} |" for i, m in enumerate(config.models)]
+    return ["## Inputs", "", "| # | model | weight |", "|---|---|---|", *rows, ""]
+
+
+def _parameters_section(config: Any, method: Any) -> list[str]:
+    """The method's parameters with λ, and the computation and output dtypes."""
+    params = {**method.params_dict(), "lambda": config.lambda_}
+    return [
         "## Parameters",
         "",
         *(f"- `{k}`: {v}" for k, v in params.items()),
         f"- computation dtype: {config.compute_dtype}; output dtype: {config.output_dtype or 'as the base'}",
         "",
     ]
-    ranks = [
-        r
-        for entry in report["tensors"].values()
-        for r in (entry.get("kept_rank") or [])
-        if r is not None
+
+
+def _star_section(report: dict[str, Any]) -> list[str]:
+    """For STAR, the kept ranks in brief (median, min, max); nothing for other methods."""
+    ranks = [r for entry in report["tensors"].values() for r in (entry.get("kept_rank") or []) if r is not None]
+    if not ranks:
+        return []
+    return [
+        "## STAR truncation",
+        "",
+        f"{len(ranks)} task-vector matrices truncated; kept rank: median "
+        f"{statistics.median(ranks):g}, min {min(ranks)}, max {max(ranks)} "
+        "(per tensor in `merge_report.json`). STAR: Lee et al., *STAR: Spectral Truncation "
+        f"and Rescale for Model Merging*, NAACL 2025, {STAR_PAPER}",
+        "",
     ]
-    if ranks:
-        lines += [
-            "## STAR truncation",
-            "",
-            f"{len(ranks)} task-vector matrices truncated; kept rank: median "
-            f"{statistics.median(ranks):g}, min {min(ranks)}, max {max(ranks)} "
-            "(per tensor in `merge_report.json`). STAR: Lee et al., *STAR: Spectral Truncation "
-            f"and Rescale for Model Merging*, NAACL 2025, {STAR_PAPER}",
-            "",
-        ]
-    lines += [*report_section(plan.out_dir), *config_section(config)]
-    return "\n".join(lines)
 
 
 def config_section(config: Any) -> list[str]:

@@ -141,6 +141,27 @@ def lora_scale(config: dict[str, Any], module: str, rank: int) -> float:
 def _map_entries(
     file: Path, entries: dict[str, TensorEntry], config: dict[str, Any], base: Checkpoint
 ) -> dict[str, LoraSource | TensorEntry]:
+    """Base tensor name -> what the adapter gives for it: LoRA factors, or a full value."""
+    factors, full = _split_keys(file, entries)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    sources: dict[str, LoraSource | TensorEntry] = {
+        f"{module}.weight": _lora_source(file, module, pair, config, base, fan_in_fan_out)
+        for module, pair in factors.items()
+    }
+    for name, entry in full.items():
+        base_entry = base.tensors.get(name)
+        if base_entry is None or base_entry.shape != entry.shape:
+            got = "is not in the base" if base_entry is None else f"has shape {list(base_entry.shape)} in the base"
+            raise InputError(f"{file}: tensor {name!r} (shape {list(entry.shape)}) {got}")
+        sources[name] = entry
+    return sources
+
+
+def _split_keys(
+    file: Path, entries: dict[str, TensorEntry]
+) -> tuple[dict[str, dict[str, TensorEntry]], dict[str, TensorEntry]]:
+    """({module: {"A": entry, "B": entry}}, {base name: full value}) from the adapter's keys;
+    kinds of adapter weights star_dist cannot merge fail here, naming the tensor."""
     factors: dict[str, dict[str, TensorEntry]] = {}
     full: dict[str, TensorEntry] = {}
     for key, entry in sorted(entries.items()):
@@ -153,44 +174,38 @@ def _map_entries(
             factors.setdefault(match["module"], {})[match["which"]] = entry
         else:  # modules_to_save or a trained bias (saved under the wrapped `base_layer`): a full value
             full[re.sub(r"\.base_layer(?=\.)", "", re.sub(r"\.modules_to_save(\.[^.]+)?", "", name))] = entry
-    sources: dict[str, LoraSource | TensorEntry] = {}
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    for module, pair in factors.items():
-        target = f"{module}.weight"
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise InputError(f"{file}: module {module!r} has no {missing} factor")
-        a, b = pair["A"], pair["B"]
-        base_entry = base.tensors.get(target)
-        if base_entry is None:
-            raise InputError(f"{file}: LoRA module {module!r} adapts {target!r}, which the base does not have")
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            raise InputError(
-                f"{file}: tensor {module + '.lora_A.weight'!r} has shape {list(a.shape)}: "
-                "convolution LoRA is not supported (only 2-D linear layers)"
-            )
-        rank = a.shape[0]
-        if b.shape[1] != rank:
-            raise InputError(f"{file}: module {module!r}: lora_A has rank {rank}, lora_B {b.shape[1]}")
-        update_shape = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
-        if update_shape != base_entry.shape:
-            raise InputError(
-                f"{file}: module {module!r}: B·A is {list(update_shape)} but the base tensor {target!r} "
-                f"is {list(base_entry.shape)}; the adapter was trained on another architecture"
-            )
-        expected_rank = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
-        if expected_rank != rank:
-            raise InputError(
-                f"{file}: module {module!r} has rank {rank} but adapter_config.json says {expected_rank}"
-            )
-        sources[target] = LoraSource(a, b, lora_scale(config, module, rank), fan_in_fan_out)
-    for name, entry in full.items():
-        base_entry = base.tensors.get(name)
-        if base_entry is None or base_entry.shape != entry.shape:
-            got = "is not in the base" if base_entry is None else f"has shape {list(base_entry.shape)} in the base"
-            raise InputError(f"{file}: tensor {name!r} (shape {list(entry.shape)}) {got}")
-        sources[name] = entry
-    return sources
+    return factors, full
+
+
+def _lora_source(file: Path, module: str, pair: dict[str, TensorEntry], config: dict[str, Any], base: Checkpoint,
+                 fan_in_fan_out: bool) -> LoraSource:
+    """One module's factors, checked against each other, the base tensor and adapter_config.json."""
+    target = f"{module}.weight"
+    if set(pair) != {"A", "B"}:
+        missing = "lora_B" if "A" in pair else "lora_A"
+        raise InputError(f"{file}: module {module!r} has no {missing} factor")
+    a, b = pair["A"], pair["B"]
+    base_entry = base.tensors.get(target)
+    if base_entry is None:
+        raise InputError(f"{file}: LoRA module {module!r} adapts {target!r}, which the base does not have")
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise InputError(
+            f"{file}: tensor {module + '.lora_A.weight'!r} has shape {list(a.shape)}: "
+            "convolution LoRA is not supported (only 2-D linear layers)"
+        )
+    rank = a.shape[0]
+    if b.shape[1] != rank:
+        raise InputError(f"{file}: module {module!r}: lora_A has rank {rank}, lora_B {b.shape[1]}")
+    update_shape = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
+    if update_shape != base_entry.shape:
+        raise InputError(
+            f"{file}: module {module!r}: B·A is {list(update_shape)} but the base tensor {target!r} "
+            f"is {list(base_entry.shape)}; the adapter was trained on another architecture"
+        )
+    expected_rank = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    if expected_rank != rank:
+        raise InputError(f"{file}: module {module!r} has rank {rank} but adapter_config.json says {expected_rank}")
+    return LoraSource(a, b, lora_scale(config, module, rank), fan_in_fan_out)
 
 
 def merged_adapter_config(template: dict[str, Any], ranks: dict[str, int], base_model: str) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def _fused(work: TensorWork, method: Any) -> bool:
     return method.streaming and getattr(method, "identity", False) and all(r is None for r in work.ranks)
 
 
-def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool, device: str = "cpu") -> int:
+def _compute_bytes(work: TensorWork, method: Any, n_models: int, fused: bool, device: str) -> int:
     """The copies the merge itself holds (working_set without the upload in flight)."""
     f32 = 4 * work.numel
     if hasattr(method, "working_bytes"):

@@ -103,13 +103,17 @@ class MergePlan:
     inputs: list[FullInput | LoraAdapter]
     run: RunSpec  # what every shard shares
     shards: list[ShardJob]
-    fingerprint: str
     n_svds: int
     peak_memory_per_worker: int
     identity: dict[str, Any] = field(default_factory=dict)  # what the fingerprint covers, part by part
     warnings: list[str] = field(default_factory=list)
     estimate: Estimate | None = None  # memory per device, FLOPs, bytes and time (estimate.py)
     local_files: dict[str, int] = field(default_factory=dict)  # input files read by path: absolute path -> size
+
+    @property
+    def fingerprint(self) -> str:
+        """The digest of what the output bytes depend on (`plan_identity`), as every shard records it."""
+        return self.run.fingerprint
 
     @property
     def n_tensors(self) -> int:
@@ -213,7 +217,6 @@ def build_plan(config: MergeConfig, out_dir: str | Path, options: RunOptions) ->
         inputs=inputs,
         run=run_spec(config, method, out_dir, options, identity["fingerprint"]),
         shards=shards,
-        fingerprint=identity["fingerprint"],
         identity=identity,
         n_svds=_svd_count([t for s in shards for t in s.tensors], config.merge_method),
         peak_memory_per_worker=cost.cpu.peak_device_bytes if options.device == "cpu" else cost.gpu.peak_device_bytes,

@@ -32,6 +32,34 @@ def _config(folder: Path, method: str, **params: object) -> dict:
     }
 
 
+@pytest.mark.parametrize("output_format", ["model", "adapter"])
+def test_every_shard_merges_under_the_exact_float32_guard_of_its_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output_format: str
+) -> None:
+    """Both shard loops (model and adapter) run their tensors inside `exact_float32_matmuls`
+    for the device they compute on, so a GPU merge never runs float32 products in TF32."""
+    import contextlib
+
+    from star_dist import shard
+    from star_dist.tiny_models import make_tiny_merge
+
+    make_tiny_merge(tmp_path, n_models=2, dtype="float32", shards=1, lora=2)
+    config = star_dist.load_config(tmp_path / "merge_lora.yaml").to_dict()
+    plan = star_dist.plan({**config, "output_format": output_format}, tmp_path / "out")
+    guarded: list[str] = []
+
+    @contextlib.contextmanager
+    def recording(device: torch.device):  # type: ignore[no-untyped-def]
+        guarded.append(device.type)
+        yield
+
+    monkeypatch.setattr(shard, "exact_float32_matmuls", recording)
+    (tmp_path / "out").mkdir()
+    for job in plan.shards:
+        merge_shard(plan.run, job)
+    assert guarded == ["cpu"] * len(plan.shards)
+
+
 @pytest.mark.parametrize(("method", "params"), [("task_arithmetic", {}), ("ties", {"density": 0.3}), ("star", {})])
 def test_overlapped_shard_loop_writes_the_same_bytes_as_the_plain_one(
     tiny_bf16: Path, tmp_path: Path, method: str, params: dict

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench  # noqa: E402
 
-from star_dist.device import Uploader, resolve_device  # noqa: E402
+from star_dist.device import TF32_OVERRIDE, Uploader, resolve_device  # noqa: E402
 from star_dist.methods import Star, StarParams  # noqa: E402
 from star_dist.methods.spectral import gram_side, kept_rank, singular_values  # noqa: E402
 from star_dist.methods.spectrum import gram_values, star_spectrum  # noqa: E402
@@ -185,10 +185,10 @@ def seconds_per_element(rows: list[dict]) -> dict[str, float] | None:
 
 
 def matrix_elements(shape: Any) -> int:
-    """Entries of the 2-D weights of a TinyShape llama (untied embeddings), one model."""
-    kv = shape.hidden // shape.heads * shape.kv_heads
-    per_layer = 2 * shape.hidden**2 + 2 * shape.hidden * kv + 3 * shape.hidden * shape.intermediate
-    return shape.layers * per_layer + 2 * shape.vocab * shape.hidden
+    """Entries of the 2-D weights of a TinyShape llama, one model: what STAR decomposes."""
+    from star_dist.tiny_models import llama_shapes
+
+    return sum(s[0] * s[1] for s in llama_shapes(shape).values() if len(s) == 2)
 
 
 def fits(budget: Budget, predicted: float, dry: bool) -> str | None:
@@ -274,7 +274,7 @@ def main() -> None:
     device = torch.device("cpu") if args.cpu_dry_run else resolve_device("cuda")
     budget = Budget(args.budget_s)
     report: dict[str, Any] = {"machine_start": _bench.machine_info(), "device": str(device), "eta": ETA,
-                              "tf32": {"override_env": os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"),
+                              "tf32": {"override_env": os.environ.get(TF32_OVERRIDE),
                                        "float32_matmul_precision": torch.get_float32_matmul_precision()}}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)

@@ -487,9 +487,10 @@ def _svd_count(jobs: list[TensorJob], method: str) -> int:
 
 # The layout of this identity and the numerics behind the bytes: bump it whenever the same
 # inputs would give other bytes (4: STAR's values from the float64 Gram matrix; 5: its top
-# vectors from one tridiagonal reduction, τ read in float64 blocks in its own layout), so a
-# resume never mixes shards computed by two versions of a kernel.
-FORMAT = 5
+# vectors from one tridiagonal reduction, τ read in float64 blocks in its own layout; 6: the
+# Gram matrix by SYRK, the top vectors by inverse iteration where it pays), so a resume never
+# mixes shards computed by two versions of a kernel.
+FORMAT = 6
 
 
 def plan_identity(

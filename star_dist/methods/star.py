@@ -105,7 +105,7 @@ class Star(StreamingMethod):
         scale, before, after = _rescale(s, r)
         # left @ right is the rank-r truncation; c on either factor scales the product.
         dtype = tau.dtype  # float32, or float64 for a float64 merge
-        update = LowRank(left.mul_(scale).to(home, dtype).contiguous(), right.to(home, dtype).contiguous())
+        update = LowRank(_row_major(left.mul_(scale), home, dtype), _row_major(right, home, dtype))
         return update, _stats(r, before, after)
 
     def _transform_lowrank(self, tau: LowRank) -> tuple[TaskVector, dict[str, Any]]:
@@ -122,6 +122,12 @@ class Star(StreamingMethod):
         left = u[:, :r] * (s[:r] * scale)  # (m, r) U_r diag(σ')
         dtype = tau.left.dtype
         return LowRank(left.to(dtype), vh[:r].to(dtype)), _stats(r, before, after)
+
+
+def _row_major(factor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`factor` on `device` in `dtype`, contiguous: converted straight into row-major layout
+    (a factor may be a transposed view), with no second copy; `to` alone keeps the strides."""
+    return factor.to(device, dtype, memory_format=torch.contiguous_format).contiguous()
 
 
 def _rescale(s: torch.Tensor, r: int) -> tuple[float, float, float]:

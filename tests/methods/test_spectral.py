@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from star_dist.errors import MergeError
-from star_dist.methods import spectral
+from star_dist.methods import host_blas, spectral
 from star_dist.methods.spectral import (
     _subspace_basis,
     _subspace_plan,
@@ -128,13 +128,19 @@ def test_singular_values_are_accurate_for_small_values() -> None:
 # -- products over float64 row blocks (GramSide) ---------------------------------------------
 
 
+@pytest.mark.parametrize("scipy", [True, False], ids=["syrk", "blocked-gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(("m", "n"), [(700, 96), (96, 700), (300, 300)])
 def test_row_block_products_equal_the_whole_float64_products(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, m: int, n: int
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, m: int, n: int, scipy: bool
 ) -> None:
     """G, G @ X and tall @ X summed over several row blocks (a last, shorter one included) equal
-    the products of the whole float64 matrix; the side keeps τ itself, never a float64 copy."""
+    the products of the whole float64 matrix, with SciPy's SYRK or torch's GEMMs alone; the side
+    keeps τ itself, never a float64 copy."""
+    if not scipy:
+        monkeypatch.setattr(host_blas, "loaded", lambda: None)
+    elif host_blas.loaded() is None:
+        pytest.skip("needs SciPy and threadpoolctl")
     monkeypatch.setattr(spectral, "_BLOCK_ELEMENTS", 96 * 64)
     monkeypatch.setattr(spectral, "_BLOCK_MIN_ROWS", 64)  # 64-row blocks: 2 to 11 of them
     tau = torch.randn(m, n, generator=torch.Generator().manual_seed(3)).to(dtype)

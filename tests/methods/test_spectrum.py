@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_dist.methods import Star, StarParams, dense, tridiagonal
+from star_dist.methods import Star, StarParams, dense, host_blas
 from star_dist.methods.spectral import gram_side, kept_rank, singular_values, top_factors
 from star_dist.methods.spectrum import certified_rank, gram_values, looks_flat, rank_window, star_spectrum
 
@@ -112,7 +112,7 @@ def test_star_device_parameter_computes_there_and_returns_home() -> None:
 
 def test_flat_spectra_take_one_eigh_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without SciPy (no tridiagonal route): one eigh gives the values and the vectors."""
-    monkeypatch.setattr(tridiagonal, "_lapack", lambda: None)
+    monkeypatch.setattr(host_blas, "loaded", lambda: None)
     flat, decaying = kinds(96, 64, seed=3)["flat"], kinds(96, 64, seed=3)["power_law"]
     assert looks_flat(gram_side(flat)) and not looks_flat(gram_side(decaying))
     spectrum = star_spectrum(flat, 40)

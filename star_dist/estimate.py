@@ -209,8 +209,9 @@ def spectral_flops(work: TensorWork) -> tuple[float, float]:
     """(GEMM FLOPs, eigensolver FLOPs) of the spectral kernels on one tensor, all models.
 
     A dense m×n task vector (k = min, M = max): the float64 Gram matrix of the small side,
-    2·M·k², and its eigenvalues, 4/3·k³; keeping the top-r subspace adds 4·M·k·r once r is
-    known, which a plan cannot know (so this is a floor). A LoRA one: two QRs and an R×R SVD.
+    M·k² (one triangle, as SYRK forms it on the CPU; a GPU's blocked GEMMs do 1.25× that), and
+    its eigenvalues, 4/3·k³; keeping the top-r subspace adds 4·M·k·r once r is known, which a
+    plan cannot know (so this is a floor). A LoRA one: two QRs and an R×R SVD.
     """
     if not work.merge or len(work.shape) != 2:
         return 0.0, 0.0
@@ -219,7 +220,7 @@ def spectral_flops(work: TensorWork) -> tuple[float, float]:
     gemm = eig = 0.0
     for rank in work.ranks:
         if rank is None:
-            gemm += 2.0 * big * k * k
+            gemm += 1.0 * big * k * k
             eig += 4.0 / 3.0 * k**3
         else:
             gemm += 4.0 * (m + n) * rank**2

@@ -344,7 +344,23 @@ def bench_merge(shape_args: dict, n_models: int, repeats: int, spectrum: str = "
                 print(f"merge round {round_}: {name} {runs[name][-1]['merge_wall_s']:.1f}s, peak anon "
                       f"{runs[name][-1]['peak_rss_anon_above_baseline'] / _bench.MIB:.0f} MiB", flush=True)
         diff = merged_difference(work / "star_dist_out0", work / "naive_out0")
-    return {"spectrum": spectrum, **merge_summary(runs, shape_args, params, n_models, diff)}
+        estimate = plan_estimate(config)
+    summary = merge_summary(runs, shape_args, params, n_models, diff)
+    estimate["time_over_measured"] = estimate["cpu_seconds"] / summary["star_dist_s"]
+    estimate["memory_over_measured"] = estimate["cpu_peak_bytes"] / _bench.MIB / summary["star_dist_peak_anon_mib"]
+    print(f"plan estimate: {estimate['cpu_seconds']:.1f} s (x{estimate['time_over_measured']:.2f} the measured), "
+          f"{estimate['cpu_peak_bytes'] / _bench.MIB:.0f} MiB (x{estimate['memory_over_measured']:.2f})", flush=True)
+    return {"spectrum": spectrum, **summary, "plan_estimate": estimate}
+
+
+def plan_estimate(config: Path) -> dict:
+    """What `star-dist plan` states for star_dist's contender (one worker, one thread): the CPU
+    time at this machine's probed rates and the peak memory, to hold against the measured."""
+    import star_dist
+
+    torch.set_num_threads(1)
+    cpu = star_dist.plan(config, threads_per_worker=1, workers=1).estimate.cpu
+    return {"cpu_seconds": cpu.seconds, "cpu_peak_bytes": cpu.peak_host_bytes, "rates": cpu.rates.label}
 
 
 def run_contender(name: str, config: Path, out: Path, n_models: int) -> dict:

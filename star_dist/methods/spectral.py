@@ -198,7 +198,7 @@ def gram_side(tau: torch.Tensor, form: bool = True, device: torch.device | str |
 
     Args:
         tau: a 2-D task vector (float32, or any float dtype: products read it as float64).
-        form: whether to form G = tallᵀ tall (one GEMM, the dense routes need it).
+        form: whether to form G = tallᵀ tall (one SYRK or GEMM pass; the dense routes need it).
         device: where to compute; None keeps τ's device (a GPU worker passes its cuda device).
 
     Returns:
@@ -215,7 +215,7 @@ def _gram(side: GramSide) -> torch.Tensor:
     """G = tallᵀ tall (k, k) float64, summed over row blocks, exactly symmetric.
 
     On the host SciPy's dsyrk forms one triangle, half a GEMM's flops (`host_blas.syrk_into`;
-    2048², one thread: 0.21 s against 0.36 s for the blocked GEMMs); elsewhere (a GPU, or no
+    2048², one thread: 0.29 s against 0.39 s for the blocked GEMMs); elsewhere (a GPU, or no
     SciPy) `_gram_blocked`.
     """
     host = host_blas.loaded() if side.tall.device.type == "cpu" else None

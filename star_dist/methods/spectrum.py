@@ -2,10 +2,11 @@
 
 STAR needs all k = min(m, n) singular values (Σσ and the rank rule) but only the top-r
 vectors. A float32 values-only SVD (the reference, `spectral.singular_values`) is a
-bidiagonalization: slow, and on GPUs far below peak. The Gram route is one GEMM and a
-symmetric eigensolver: G = tallᵀ tall in float64 on the smaller side, σ_i = √λ_i(G). On the
-CPU (with SciPy) G is reduced to tridiagonal form once, which gives the values and later the
-top-r vectors (tridiagonal.py); on a GPU torch's eigvalsh, or eigh for a flat spectrum.
+bidiagonalization: slow, and on GPUs far below peak. The Gram route is one matrix product and
+a symmetric eigensolver: G = tallᵀ tall in float64 on the smaller side (SYRK on the CPU,
+GEMMs on a GPU), σ_i = √λ_i(G). On the CPU (with SciPy) G is reduced to tridiagonal form
+once, which gives the values and later the top-r vectors (tridiagonal.py); on a GPU torch's
+eigvalsh, or eigh for a flat spectrum.
 
 Accuracy (measured in scripts/bench/star_svd.py against a float64 SVD of the same τ): the σ
 that carry the nuclear norm come out with relative error ~eps64·σ_1²/σ_i², far below the

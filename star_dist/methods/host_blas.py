@@ -68,5 +68,4 @@ def syrk_into(host: HostBlas, gram: torch.Tensor, block: torch.Tensor, accumulat
     else:  # a column-major (rows, k) is A itself: G = Aᵀ A
         a, trans = np.asfortranarray(block.numpy()), 1
     out = host.blas.dsyrk(1.0, a, beta=1.0 if accumulate else 0.0, c=target, trans=trans, lower=1, overwrite_c=1)
-    if out is not target:  # not expected: f2py writes a Fortran-contiguous float64 `c` in place
-        gram.copy_(torch.from_numpy(out.T))
+    assert out is target, "f2py writes a Fortran-contiguous float64 `c` in place"

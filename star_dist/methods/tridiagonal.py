@@ -19,11 +19,11 @@ of the r values form one cluster (see `_inverse_iteration_pays`).
 Accuracy is eigh's: dsterf is the value solver torch's eigvalsh ends in; MRRR's vectors have
 residuals and orthogonality O(k·eps64), measured equal to eigh's projector to 3e-13; dstein's
 have residuals O(eps64·‖T‖), orthogonality O(eps64·‖T‖/1e-3‖T‖) between clusters and
-Gram–Schmidt orthogonality inside one, and their projector equals MRRR's to 2e-12
-(scripts/bench/star_svd.py). dstein reports vectors that failed to converge; MRRR then
-decides. SciPy's OpenBLAS runs with the worker's torch thread count, so a merge's bytes depend
-on the thread count only, as with torch's own kernels. Without SciPy, `reduce` returns None
-and the caller keeps torch's eigvalsh / eigh.
+Gram–Schmidt orthogonality inside one, and their projector was measured equal to MRRR's to
+1.5e-12 on the kernel benchmark's matrices (scripts/bench/README.md §4). dstein reports
+vectors that failed to converge; MRRR then decides. SciPy's OpenBLAS runs with the worker's
+torch thread count, so a merge's bytes depend on the thread count only, as with torch's own
+kernels. Without SciPy, `reduce` returns None and the caller keeps torch's eigvalsh / eigh.
 """
 
 from __future__ import annotations
